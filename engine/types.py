@@ -37,6 +37,8 @@ class Classification:
     ranked: tuple[IntentScore, ...]
     in_scope: bool
     source: str = "model"
+    #: An answer the matcher found along with the intent (a FAQ entry's answer).
+    matched_answer: str | None = None
 
     @property
     def intent(self) -> str | None:
@@ -52,6 +54,14 @@ class Reply:
     text: str
     kind: str = "text"  # text | handoff | greeting; a transport renders unknown kinds as text
     data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the ``answer`` hook returns when it wants to name its source."""
+
+    replies: tuple[Reply, ...]
+    source: str = "plugin"
 
 
 @dataclass(frozen=True)
