@@ -203,10 +203,16 @@ class Engine:
         return _as_replies(fallback) or (Reply(bot.knowledge.fallback[0]),), "fallback"
 
     async def _track(self, event: str, data: dict, bot: Bot, context: SessionContext) -> None:
-        try:
-            await self._call("track_event", event=event, data=data, bot=bot, context=context, _all=True)
-        except Exception:  # observers must never break a turn
-            log.exception("track_event(%s) failed", event)
+        # Each observer separately: pluggy stops a call at the first exception, and one
+        # broken observer must neither break the turn nor silence the others.
+        kwargs = {"event": event, "data": data, "bot": bot, "context": context}
+        for impl in self.pm.hook.track_event.get_hookimpls():
+            try:
+                result = impl.function(*[kwargs[arg] for arg in impl.argnames])
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("track_event(%s) failed in plugin %s", event, impl.plugin_name)
 
     async def _call(self, name: str, _all: bool = False, **kwargs: Any) -> Any:
         """Call hook ``name`` with keyword arguments; await whatever is awaitable."""

@@ -1,0 +1,41 @@
+# The two commands a newcomer needs (see README.md):
+#   make run    install, train the demo bot's model on first use, serve on http://127.0.0.1:8000
+#   make test   install and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 (CPU) is read from a local wheel folder where the machine has one.
+PIP_FLAGS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
+BOT ?= shop
+
+.PHONY: run test install model serve bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q $(PIP_FLAGS) -e '.[train,dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Trains models/$(BOT)/ from knowledge/$(BOT).yaml the first time, with progress bars;
+# afterwards the existing model is reused (delete the folder to retrain).
+model: install
+	@test -f models/$(BOT)/model.onnx || $(BIN)/kefu train --bot $(BOT)
+
+serve: install
+	$(BIN)/kefu serve
+
+run: model serve
+
+test: install
+	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python bench/bench_intent.py
+	$(BIN)/python bench/bench_server.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
