@@ -1,0 +1,439 @@
+"""The :class:`~server.storage.base.Storage` implementation: SQLAlchemy 2 async Core.
+
+One class for SQLite (aiosqlite, the embedded default), PostgreSQL (asyncpg) and
+MySQL/MariaDB (asyncmy); the dialect differences are confined to engine set-up here and to
+the migration lock in :mod:`.migrations`.
+
+Concurrency model
+-----------------
+* ``append`` goes through a :class:`~.group_commit.GroupCommitter`: one writer task writes
+  many messages per transaction (see :meth:`SqlStorage._write_batch`).
+* Every other write (conversations, transitions, agents) runs in its own short transaction
+  on the write engine; it does not queue behind the message writer (the database's own
+  locking orders it).
+* Reads use a separate read engine (on SQLite: separate connections in WAL mode, so a
+  reader never waits for a writer; on PostgreSQL/MySQL the same pool, READ COMMITTED).
+* Seq allocation: the batch locks the conversation rows it appends to (``SELECT ... FOR
+  UPDATE`` in id order; SQLite's ``BEGIN IMMEDIATE`` locks the whole database), reads
+  ``last_seq``, looks up already-stored client ids, inserts the new messages with
+  ``last_seq+1 ...`` and writes the new ``last_seq`` -- all in one transaction, so seqs are
+  contiguous even with several server processes on one PostgreSQL/MySQL database.  The
+  unique (conversation_id, client_id) key is the last line of defence: a duplicate that
+  slips through fails the batch, the per-item retry then finds the stored copy.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from . import migrations, schema
+from .base import (BOT, ROLES, STATES, UNSET, Agent, Conversation, Storage, StorageError,
+                   StoredMessage)
+from .group_commit import GroupCommitter
+
+log = logging.getLogger(__name__)
+
+#: Hard cap on rows returned by one read (messages, conversations).
+MAX_PAGE = 500
+
+_DEFAULT_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg", "mysql": "asyncmy",
+                    "mariadb": "asyncmy"}
+
+
+class NotFound(StorageError, LookupError):
+    """The row an operation needs (e.g. the conversation of an append) does not exist."""
+
+
+class Conflict(StorageError):
+    """A unique key is taken (e.g. an agent username)."""
+
+
+_C, _M, _A = schema.conversations, schema.messages, schema.agents
+
+
+def _storage_errors(what: str):
+    """Turn database and I/O failures into StorageError (cause attached)."""
+    def deco(fn):
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except StorageError:
+                raise
+            except (sa.exc.SQLAlchemyError, OSError, TimeoutError, ConnectionError) as exc:
+                raise StorageError(f"{what} failed: {exc}") from exc
+        return wrapper
+    return deco
+
+
+@dataclass(slots=True)
+class _Append:
+    conversation_id: str
+    role: str
+    sender_id: str
+    kind: str
+    text: str
+    client_id: str | None
+    meta: dict[str, Any]
+    created_at: float
+
+
+def _json(value: dict[str, Any] | None) -> str:
+    return json.dumps(value or {}, ensure_ascii=False, separators=(",", ":"))
+
+
+def _conversation(row: Any) -> Conversation:
+    return Conversation(id=row.id, visitor_id=row.visitor_id, bot=row.bot, state=row.state,
+                        agent_id=row.agent_id, created_at=row.created_at,
+                        updated_at=row.updated_at, last_seq=int(row.last_seq),
+                        meta=json.loads(row.meta))
+
+
+def _message(row: Any) -> StoredMessage:
+    return StoredMessage(conversation_id=row.conversation_id, seq=int(row.seq), role=row.role,
+                         sender_id=row.sender_id, kind=row.kind, text=row.text,
+                         client_id=row.client_id, created_at=row.created_at,
+                         meta=json.loads(row.meta))
+
+
+def _agent(row: Any) -> Agent:
+    return Agent(id=row.id, username=row.username, display_name=row.display_name,
+                 password_hash=row.password_hash, capacity=int(row.capacity),
+                 token_version=int(row.token_version), created_at=row.created_at, team=row.team)
+
+
+def _normalise_url(url: str | URL) -> URL:
+    u = make_url(url)
+    backend = u.get_backend_name()
+    if backend not in _DEFAULT_DRIVERS:
+        raise StorageError(f"unsupported database {backend!r}: use sqlite, postgresql or mysql")
+    if "+" not in u.drivername:
+        u = u.set(drivername=f"{backend}+{_DEFAULT_DRIVERS[backend]}")
+    if backend in ("mysql", "mariadb") and "charset" not in u.query:
+        u = u.update_query_dict({"charset": "utf8mb4"})
+    return u
+
+
+def _sqlite_engine(url: URL, *, writer: bool, synchronous: str, busy_timeout: float,
+                   echo: bool) -> AsyncEngine:
+    engine = create_async_engine(url, echo=echo)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Take transaction control away from the sqlite3 module (it would BEGIN lazily and
+        # DEFERRED); we emit BEGIN ourselves in the "begin" hook below.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
+        # WAL: readers never block the writer nor the writer readers.
+        cur.execute("PRAGMA journal_mode = WAL")
+        # Durability.  In WAL mode a commit appends the transaction's pages and a commit
+        # frame to the -wal file with write(2) before COMMIT returns.  From then on the data
+        # is in the kernel's page cache and survives the death of *this process* (SIGKILL,
+        # crash, OOM kill) with any `synchronous` setting, NORMAL included: the next opener
+        # replays the WAL.  What NORMAL risks is an OS crash or power cut, which can lose the
+        # last commits because the WAL is fsynced only at checkpoints.  We default to FULL
+        # (fsync of the WAL on every commit) so that an acknowledged message survives power
+        # loss too; group commit pays that fsync once per batch, not once per message.
+        # `sqlite_synchronous="NORMAL"` trades that for speed where SIGKILL-safety suffices.
+        cur.execute(f"PRAGMA synchronous = {synchronous}")
+        if not writer:
+            cur.execute("PRAGMA query_only = ON")
+        cur.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn):
+        # The writer takes the write lock up front (IMMEDIATE): a deferred transaction that
+        # reads and then writes could fail with SQLITE_BUSY on lock upgrade instead of
+        # waiting busy_timeout.  Readers start a plain (deferred) snapshot transaction.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
+
+    return engine
+
+
+class SqlStorage(Storage):
+    """Open it with :func:`server.storage.open_storage`."""
+
+    def __init__(self, write_engine: AsyncEngine, read_engine: AsyncEngine, *,
+                 batch_max: int = 256, batch_window: float = 0.0):
+        self.write_engine = write_engine
+        self.read_engine = read_engine
+        self.dialect = write_engine.dialect.name
+        self.committer: GroupCommitter[_Append, tuple[StoredMessage, bool]] = GroupCommitter(
+            self._write_batch, max_batch=batch_max, window=batch_window)
+        self.applied_migrations: list[int] = []
+        self._closed = False
+
+    @property
+    def stats(self):
+        """Group-commit counters: batches (transactions), items, failures."""
+        return self.committer.stats
+
+    # -- lifecycle
+    @classmethod
+    async def open(cls, url: str | URL, *, batch_max: int = 256, batch_window: float = 0.0,
+                   busy_timeout: float = 5.0, sqlite_synchronous: str = "FULL",
+                   pool_size: int = 10, echo: bool = False, migrate: bool = True) -> "SqlStorage":
+        u = _normalise_url(url)
+        backend = u.get_backend_name()
+        if backend == "sqlite":
+            if sqlite_synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+                raise ValueError("sqlite_synchronous must be FULL, NORMAL or EXTRA")
+            path = u.database
+            if not path or path == ":memory:" or u.query.get("mode") == "memory":
+                raise StorageError("an in-memory SQLite database cannot be shared between the "
+                                   "writer and readers; give a file path")
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as exc:
+                raise StorageError(f"cannot create the data directory {parent}: {exc}") from exc
+            kw = dict(synchronous=sqlite_synchronous.upper(), busy_timeout=busy_timeout, echo=echo)
+            write = _sqlite_engine(u, writer=True, **kw)
+            read = _sqlite_engine(u, writer=False, **kw)
+        else:
+            args: dict[str, Any] = {}
+            if backend == "postgresql":
+                # asyncpg: a statement that waits on a lock longer than this fails (18).
+                args["command_timeout"] = max(busy_timeout * 6, 30.0)
+            write = read = create_async_engine(
+                u, echo=echo, isolation_level="READ COMMITTED", pool_size=pool_size,
+                max_overflow=pool_size, pool_pre_ping=True, pool_recycle=3600,
+                connect_args=args)
+        self = cls(write, read, batch_max=batch_max, batch_window=batch_window)
+        try:
+            if migrate:
+                await self._migrate()
+        except BaseException:
+            await self._dispose()
+            raise
+        return self
+
+    @_storage_errors("schema migration")
+    async def _migrate(self) -> None:
+        async with self.write_engine.begin() as conn:
+            self.applied_migrations = await conn.run_sync(migrations.migrate)
+        if self.applied_migrations:
+            log.info("storage migrated to schema version %d (applied %s)",
+                     migrations.LATEST, self.applied_migrations)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self.committer.close()      # drains: every submitted append is written
+        finally:
+            await self._dispose()
+
+    async def _dispose(self) -> None:
+        await self.write_engine.dispose()
+        if self.read_engine is not self.write_engine:
+            await self.read_engine.dispose()
+
+    # -- conversations
+    @_storage_errors("create_conversation")
+    async def create_conversation(self, visitor_id: str, bot: str, state: str = BOT,
+                                  meta: dict[str, Any] | None = None) -> Conversation:
+        if state not in STATES:
+            raise ValueError(f"unknown conversation state {state!r}")
+        now = time.time()
+        conv = Conversation(id=secrets.token_hex(16), visitor_id=visitor_id, bot=bot,
+                            state=state, agent_id=None, created_at=now, updated_at=now,
+                            last_seq=0, meta=dict(meta or {}))
+        async with self.write_engine.begin() as conn:
+            await conn.execute(sa.insert(_C).values(
+                id=conv.id, visitor_id=visitor_id, bot=bot, state=state, agent_id=None,
+                created_at=now, updated_at=now, last_seq=0, meta=_json(meta)))
+        return conv
+
+    @_storage_errors("get_conversation")
+    async def get_conversation(self, conversation_id: str) -> Conversation | None:
+        async with self.read_engine.connect() as conn:
+            row = (await conn.execute(sa.select(_C).where(_C.c.id == conversation_id))).first()
+        return _conversation(row) if row is not None else None
+
+    @_storage_errors("list_conversations")
+    async def list_conversations(self, *, state: str | None = None, agent_id: str | None = None,
+                                 visitor_id: str | None = None, limit: int = 50,
+                                 before: float | None = None) -> list[Conversation]:
+        """Newest first (by created_at); ``before`` pages on to older conversations."""
+        limit = min(int(limit), MAX_PAGE)
+        if limit <= 0:
+            return []
+        q = sa.select(_C)
+        if state is not None:
+            q = q.where(_C.c.state == state)
+        if agent_id is not None:
+            q = q.where(_C.c.agent_id == agent_id)
+        if visitor_id is not None:
+            q = q.where(_C.c.visitor_id == visitor_id)
+        if before is not None:
+            q = q.where(_C.c.created_at < before)
+        q = q.order_by(_C.c.created_at.desc(), _C.c.id.desc()).limit(limit)
+        async with self.read_engine.connect() as conn:
+            return [_conversation(r) for r in await conn.execute(q)]
+
+    @_storage_errors("transition")
+    async def transition(self, conversation_id: str, *, to_state: str, agent_id: str | None,
+                         from_states: Sequence[str] | None = None,
+                         from_agent: Any = UNSET) -> Conversation | None:
+        if to_state not in STATES:
+            raise ValueError(f"unknown conversation state {to_state!r}")
+        # Compare-and-set in ONE statement: the database evaluates the WHERE clause on the
+        # locked row, so of two concurrent routers exactly one sees rowcount 1.
+        stmt = sa.update(_C).where(_C.c.id == conversation_id)
+        if from_states is not None:
+            stmt = stmt.where(_C.c.state.in_(list(from_states)))
+        if from_agent is not UNSET:
+            stmt = stmt.where(_C.c.agent_id.is_(None) if from_agent is None
+                              else _C.c.agent_id == from_agent)
+        stmt = stmt.values(state=to_state, agent_id=agent_id, updated_at=time.time())
+        async with self.write_engine.begin() as conn:
+            if (await conn.execute(stmt)).rowcount != 1:
+                return None
+            row = (await conn.execute(sa.select(_C).where(_C.c.id == conversation_id))).first()
+        return _conversation(row)
+
+    # -- messages
+    async def append(self, conversation_id: str, *, role: str, sender_id: str, text: str,
+                     kind: str = "text", client_id: str | None = None,
+                     meta: dict[str, Any] | None = None) -> tuple[StoredMessage, bool]:
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        if not isinstance(text, str):
+            raise TypeError("text must be a str")
+        if self._closed:
+            raise StorageError("storage is closed")
+        return await self.committer.submit(_Append(
+            conversation_id=conversation_id, role=role, sender_id=sender_id, kind=kind,
+            text=text, client_id=client_id, meta=dict(meta or {}), created_at=time.time()))
+
+    @_storage_errors("storing messages")
+    async def _write_batch(self, items: Sequence[_Append]) -> list[Any]:
+        """Write ``items`` in ONE transaction; one result per item: (message, new) or an
+        exception instance for an item that cannot be stored (unknown conversation)."""
+        results: list[Any] = [None] * len(items)
+        now = time.time()
+        conv_ids = sorted({it.conversation_id for it in items})
+        async with self.write_engine.begin() as conn:
+            # Lock the conversation rows, always in id order (no deadlock between writers).
+            rows = await conn.execute(
+                sa.select(_C.c.id, _C.c.last_seq).where(_C.c.id.in_(conv_ids))
+                .order_by(_C.c.id).with_for_update())
+            last = {r.id: int(r.last_seq) for r in rows}
+            start = dict(last)
+            # Client ids already stored (a resend): they return the stored copy.
+            stored: dict[tuple[str, str], StoredMessage] = {}
+            keyed = [it for it in items if it.client_id is not None and it.conversation_id in last]
+            if keyed:
+                q = sa.select(_M).where(
+                    _M.c.conversation_id.in_(sorted({it.conversation_id for it in keyed})),
+                    _M.c.client_id.in_(sorted({it.client_id for it in keyed})))
+                for r in await conn.execute(q):
+                    stored[(r.conversation_id, r.client_id)] = _message(r)
+            inserts = []
+            for i, it in enumerate(items):
+                if it.conversation_id not in last:
+                    results[i] = NotFound(f"no conversation {it.conversation_id!r}")
+                    continue
+                key = (it.conversation_id, it.client_id)
+                if it.client_id is not None and key in stored:
+                    results[i] = (stored[key], False)   # a retry, maybe within this batch
+                    continue
+                seq = last[it.conversation_id] = last[it.conversation_id] + 1
+                msg = StoredMessage(conversation_id=it.conversation_id, seq=seq, role=it.role,
+                                    sender_id=it.sender_id, kind=it.kind, text=it.text,
+                                    client_id=it.client_id, created_at=it.created_at,
+                                    meta=it.meta)
+                inserts.append({"conversation_id": it.conversation_id, "seq": seq,
+                                "role": it.role, "sender_id": it.sender_id, "kind": it.kind,
+                                "text": it.text, "client_id": it.client_id,
+                                "created_at": it.created_at, "meta": _json(it.meta)})
+                if it.client_id is not None:
+                    stored[key] = msg
+                results[i] = (msg, True)
+            if inserts:
+                await conn.execute(sa.insert(_M), inserts)
+                await conn.execute(
+                    sa.update(_C).where(_C.c.id == sa.bindparam("b_id"))
+                    .values(last_seq=sa.bindparam("b_last"), updated_at=sa.bindparam("b_now")),
+                    [{"b_id": cid, "b_last": seq, "b_now": now}
+                     for cid, seq in last.items() if seq != start[cid]])
+        # Leaving the block committed the transaction; only now are results handed out.
+        return results
+
+    @_storage_errors("reading messages")
+    async def messages(self, conversation_id: str, *, after_seq: int = 0,
+                       limit: int = 100) -> list[StoredMessage]:
+        limit = min(int(limit), MAX_PAGE)
+        if limit <= 0:
+            return []
+        q = (sa.select(_M).where(_M.c.conversation_id == conversation_id,
+                                 _M.c.seq > int(after_seq))
+             .order_by(_M.c.seq).limit(limit))
+        async with self.read_engine.connect() as conn:
+            return [_message(r) for r in await conn.execute(q)]
+
+    # -- agents
+    @_storage_errors("add_agent")
+    async def add_agent(self, username: str, password_hash: str, *, display_name: str = "",
+                        capacity: int = 5, team: str = "default") -> Agent:
+        agent = Agent(id=secrets.token_hex(16), username=username,
+                      display_name=display_name or username, password_hash=password_hash,
+                      capacity=int(capacity), token_version=1, created_at=time.time(), team=team)
+        try:
+            async with self.write_engine.begin() as conn:
+                await conn.execute(sa.insert(_A).values(
+                    id=agent.id, username=username, display_name=agent.display_name,
+                    password_hash=password_hash, capacity=agent.capacity,
+                    token_version=agent.token_version, created_at=agent.created_at, team=team))
+        except sa.exc.IntegrityError as exc:
+            raise Conflict(f"agent username {username!r} is taken") from exc
+        return agent
+
+    @_storage_errors("get_agent")
+    async def get_agent(self, *, agent_id: str | None = None,
+                        username: str | None = None) -> Agent | None:
+        if (agent_id is None) == (username is None):
+            raise ValueError("give exactly one of agent_id, username")
+        cond = _A.c.id == agent_id if agent_id is not None else _A.c.username == username
+        async with self.read_engine.connect() as conn:
+            row = (await conn.execute(sa.select(_A).where(cond))).first()
+        return _agent(row) if row is not None else None
+
+    @_storage_errors("list_agents")
+    async def list_agents(self) -> list[Agent]:
+        async with self.read_engine.connect() as conn:
+            return [_agent(r) for r in await conn.execute(sa.select(_A).order_by(_A.c.username))]
+
+    @_storage_errors("update_agent")
+    async def update_agent(self, agent_id: str, *, password_hash: str | None = None,
+                           capacity: int | None = None,
+                           display_name: str | None = None) -> Agent | None:
+        values: dict[str, Any] = {}
+        if password_hash is not None:
+            values["password_hash"] = password_hash
+            values["token_version"] = _A.c.token_version + 1   # revokes older tokens
+        if capacity is not None:
+            values["capacity"] = int(capacity)
+        if display_name is not None:
+            values["display_name"] = display_name
+        async with self.write_engine.begin() as conn:
+            if values:
+                res = await conn.execute(sa.update(_A).where(_A.c.id == agent_id).values(**values))
+                if res.rowcount != 1:
+                    return None
+            row = (await conn.execute(sa.select(_A).where(_A.c.id == agent_id))).first()
+        return _agent(row) if row is not None else None
