@@ -135,8 +135,9 @@ class OnnxIntentClassifier(IntentClassifier):
         _check_session(session, model_path, labels_path, tok_path, tokenizer, meta)
 
         bank = None
-        if meta["oos_score"] == "knn_cosine":
-            bank = _read_bank(folder / meta["knn"]["bank"], meta, session)
+        knn = meta.get("knn") or {}
+        if meta["oos_score"] == "knn_cosine" or float(knn.get("mix", 0.0)) > 0:
+            bank = _read_bank(folder / knn["bank"], meta, session)
         return cls(session, tokenizer, meta, bank, path=folder, max_batch=max_batch, max_wait_ms=max_wait_ms)
 
     # ------------------------------------------------------------------ inference
@@ -270,7 +271,7 @@ def _check_session(session: Any, model_path: Path, labels_path: Path, tok_path: 
 
 def _read_bank(path: Path, meta: dict[str, Any], session: Any) -> np.ndarray:
     if not path.is_file():
-        raise ModelError(f"{path}: missing ({LABELS_FILE} asks for the knn_cosine out-of-scope score)")
+        raise ModelError(f"{path}: missing ({LABELS_FILE} asks for kNN scores over this prototype bank)")
     try:
         bank = np.load(path, allow_pickle=False)
     except Exception as e:
