@@ -29,7 +29,10 @@ async def open_storage(url: str = DEFAULT_URL, **options: Any) -> Storage:
     message), ``batch_window`` (seconds the writer waits for a batch to fill, 0: take what
     is queued), ``busy_timeout`` (seconds to wait on a locked SQLite database, 5),
     ``sqlite_synchronous`` ("FULL", or "NORMAL": survives a process kill but not a power
-    cut), ``pool_size`` (PostgreSQL/MySQL), ``echo``, ``migrate`` (True).
+    cut), ``pool_size`` (PostgreSQL/MySQL), ``connect_args`` (passed to the driver, e.g.
+    ``{"server_settings": {"search_path": "kefu"}}`` for asyncpg), ``echo``, ``migrate``.
+    ``busy_timeout`` bounds lock waits everywhere (PostgreSQL ``lock_timeout``, MySQL
+    ``innodb_lock_wait_timeout`` in whole seconds).
     Raises StorageError (SchemaTooNew for a database from a newer kefu).
     """
     return await SqlStorage.open(url, **options)

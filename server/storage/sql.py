@@ -184,7 +184,8 @@ class SqlStorage(Storage):
     @classmethod
     async def open(cls, url: str | URL, *, batch_max: int = 256, batch_window: float = 0.0,
                    busy_timeout: float = 5.0, sqlite_synchronous: str = "FULL",
-                   pool_size: int = 10, echo: bool = False, migrate: bool = True) -> "SqlStorage":
+                   pool_size: int = 10, echo: bool = False, migrate: bool = True,
+                   connect_args: dict[str, Any] | None = None) -> "SqlStorage":
         u = _normalise_url(url)
         backend = u.get_backend_name()
         if backend == "sqlite":
@@ -203,14 +204,26 @@ class SqlStorage(Storage):
             write = _sqlite_engine(u, writer=True, **kw)
             read = _sqlite_engine(u, writer=False, **kw)
         else:
-            args: dict[str, Any] = {}
+            # busy_timeout bounds lock waits on every backend, so a held lock makes a send
+            # fail visibly (StorageError, not acked) instead of hanging (THREATS 18).
+            args: dict[str, Any] = dict(connect_args or {})
             if backend == "postgresql":
-                # asyncpg: a statement that waits on a lock longer than this fails (18).
-                args["command_timeout"] = max(busy_timeout * 6, 30.0)
+                settings = dict(args.get("server_settings") or {})
+                settings.setdefault("lock_timeout", f"{max(1, int(busy_timeout * 1000))}ms")
+                args["server_settings"] = settings
+                args.setdefault("command_timeout", max(busy_timeout * 6, 30.0))
             write = read = create_async_engine(
                 u, echo=echo, isolation_level="READ COMMITTED", pool_size=pool_size,
                 max_overflow=pool_size, pool_pre_ping=True, pool_recycle=3600,
                 connect_args=args)
+            if backend in ("mysql", "mariadb"):
+                wait = max(1, round(busy_timeout))      # MySQL counts whole seconds
+
+                @event.listens_for(write.sync_engine, "connect")
+                def _on_connect(dbapi_conn, _record):
+                    cur = dbapi_conn.cursor()
+                    cur.execute(f"SET SESSION innodb_lock_wait_timeout = {wait}")
+                    cur.close()
         self = cls(write, read, batch_max=batch_max, batch_window=batch_window)
         try:
             if migrate:
