@@ -1,0 +1,50 @@
+"""Run a real kefu server for the browser tests: ``python -m tests.web.serve DATA_DIR PORT``.
+
+Engine delays and models off, the shop bot, and two agents (alice, bob; password
+"password123") created in the data dir before the server starts.  Run as a subprocess, so
+Playwright's synchronous API and Sanic's event loop stay in separate processes; a test can
+kill it and start it again on the same data dir and port (a real dropped connection).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+
+def main() -> None:
+    data_dir, port = sys.argv[1], int(sys.argv[2])
+    os.environ.setdefault("KEFU_ENGINE_DELAYS", "false")
+    os.environ.setdefault("KEFU_ENGINE_USE_MODELS", "false")
+
+    from sanic import Sanic
+
+    from server.app import create_app
+    from server.auth import hash_password
+    from server.config import database_url, load_server_config, server_settings
+    from server.storage import open_storage
+
+    config = load_server_config(env={})
+    config["engine"].update({"delays": False, "use_models": False, "watch_knowledge": False, "seed": 0,
+                             "bots": ["shop"]})
+    config["server"].update({"data_dir": data_dir, "secret_key": "browser-test-secret-0123456789",
+                             "host": "127.0.0.1", "port": port, "rate_per_s": 50.0, "rate_burst": 100,
+                             "new_conversations_per_ip_per_min": 1000, "grace_s": 5.0})
+
+    async def seed() -> None:
+        storage = await open_storage(database_url(server_settings(config)))
+        try:
+            for name, display in (("alice", "Alice"), ("bob", "Bob")):
+                if await storage.get_agent(username=name) is None:
+                    await storage.add_agent(name, hash_password("password123"), display_name=display, capacity=5)
+        finally:
+            await storage.close()
+
+    asyncio.run(seed())
+    app = create_app(config, name=f"kefu_web_{port}")
+    Sanic.test_mode = False
+    app.run(host="127.0.0.1", port=port, single_process=True, access_log=False, motd=False)
+
+
+if __name__ == "__main__":
+    main()
