@@ -1,0 +1,290 @@
+"""REST API under /api/v1, plus /healthz and /metrics.  Described in server/openapi.json.
+
+Auth: ``Authorization: Bearer <token>`` (an agent token from /api/v1/auth/login or a visitor
+token from /api/v1/visitor/session or the visitor socket's welcome frame).  Every read of a
+conversation is checked against the caller; unknown and foreign ids both answer 404.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+from engine import InputError, KefuError
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json as json_response, text as text_response
+
+from .auth import check_identity, hash_password, new_visitor_id, verify_password
+from .chat import conversation_dict
+from .errors import BadRequest, NotFound, RateLimited, Unauthorized
+from .storage.base import QUEUED, Agent, Conversation
+from .ws import client_ip
+
+bp = Blueprint("api", url_prefix="/api/v1")
+ops = Blueprint("ops")
+
+MAX_LIMIT = 200
+
+
+def body(request: Request) -> dict[str, Any]:
+    try:
+        data = json.loads(request.body or b"{}")
+    except ValueError:
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise BadRequest("body must be a JSON object")
+    return data
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    if not header.lower().startswith("bearer "):
+        raise Unauthorized("missing bearer token")
+    return header[7:].strip()
+
+
+async def agent_of(request: Request) -> Agent:
+    ctx = request.app.ctx
+    agent_id, version = ctx.tokens.open_agent(_bearer(request))
+    agent = await ctx.storage.get_agent(agent_id=agent_id)
+    if agent is None or agent.token_version != version:
+        raise Unauthorized("token revoked")
+    return agent
+
+
+async def caller_of(request: Request) -> tuple[str, str]:
+    """("agent", agent_id) or ("visitor", visitor_id)."""
+    token = _bearer(request)
+    ctx = request.app.ctx
+    try:
+        visitor_id, _ = ctx.tokens.open_visitor(token)
+        return "visitor", visitor_id
+    except Unauthorized:
+        pass
+    agent = await agent_of(request)
+    return "agent", agent.id
+
+
+def can_read(kind: str, who: str, conv: Conversation) -> bool:
+    if kind == "visitor":
+        return conv.visitor_id == who
+    # agents: their own conversations, and the shared queue (to pick from it)
+    return conv.agent_id == who or (conv.state == QUEUED and conv.agent_id is None)
+
+
+def _int_arg(request: Request, name: str, default: int | None, maximum: int | None = None) -> int | None:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{name} must be an integer") from None
+    if value < 0:
+        raise BadRequest(f"{name} must be >= 0")
+    return min(value, maximum) if maximum else value
+
+
+def agent_dict(agent: Agent, router: Any = None) -> dict[str, Any]:
+    out = {"id": agent.id, "username": agent.username, "display_name": agent.display_name,
+           "capacity": agent.capacity, "team": agent.team}
+    if router is not None:
+        info = {a.agent_id: a for a in router.agents()} if hasattr(router, "agents") else {}
+        a = info.get(agent.id)
+        out["presence"] = getattr(a, "status", "offline") if a and getattr(a, "sockets", 0) else "offline"
+        out["load"] = router.load(agent.id)
+    return out
+
+
+# -- auth ------------------------------------------------------------------------------
+
+@bp.post("/auth/login")
+async def login(request: Request) -> HTTPResponse:
+    ctx = request.app.ctx
+    ip = client_ip(request)
+    if ctx.login_failures.over(ip):
+        raise RateLimited("too many failed logins; wait a minute")
+    data = body(request)
+    username, password = data.get("username"), data.get("password")
+    if not isinstance(username, str) or not isinstance(password, str) or len(password) > 1024:
+        raise BadRequest("username and password are required")
+    agent = await ctx.storage.get_agent(username=username[:200])
+    # verify even for an unknown user, so timing does not reveal which usernames exist
+    ok = await asyncio.to_thread(verify_password, password, agent.password_hash if agent else ctx.dummy_hash)
+    if agent is None or not ok:
+        ctx.login_failures.hit(ip)
+        raise Unauthorized("wrong username or password")
+    ttl = float(ctx.settings["agent_token_ttl_s"])
+    return json_response({"token": ctx.tokens.agent_token(agent.id, agent.token_version), "expires_in": ttl,
+                          "agent": agent_dict(agent)})
+
+
+@bp.post("/auth/password")
+async def change_password(request: Request) -> HTTPResponse:
+    """Change one's password: bumps token_version, so every older token (and socket) dies."""
+    ctx = request.app.ctx
+    agent = await agent_of(request)
+    data = body(request)
+    old, new = data.get("old_password"), data.get("new_password")
+    if not isinstance(old, str) or not isinstance(new, str) or len(new) < 8 or len(new) > 1024:
+        raise BadRequest("old_password and new_password (8+ characters) are required")
+    if not await asyncio.to_thread(verify_password, old, agent.password_hash):
+        raise Unauthorized("wrong password")
+    new_hash = await asyncio.to_thread(hash_password, new)
+    updated = await ctx.storage.update_agent(agent.id, password_hash=new_hash)
+    ctx.chat.revoke(agent.id)
+    return json_response({"token": ctx.tokens.agent_token(agent.id, updated.token_version)})
+
+
+@bp.post("/visitor/session")
+async def visitor_session(request: Request) -> HTTPResponse:
+    """A visitor token; with ``identity`` (signed by the host site) a verified one.
+    A bad identity answers 401 and changes nothing."""
+    ctx = request.app.ctx
+    data = body(request)
+    identity = data.get("identity")
+    verified = None
+    if identity is not None:
+        verified = check_identity(str(ctx.settings["identity_secret"]), identity,
+                                  max_age_s=float(ctx.settings["identity_max_age_s"]))
+        visitor_id = ctx.tokens.verified_visitor_id(verified)
+    else:
+        visitor_id = new_visitor_id()
+    return json_response({"visitor": visitor_id, "verified": verified is not None,
+                          "token": ctx.tokens.visitor_token(visitor_id, verified=verified)})
+
+
+# -- conversations -----------------------------------------------------------------------
+
+@bp.get("/conversations")
+async def list_conversations(request: Request) -> HTTPResponse:
+    ctx = request.app.ctx
+    kind, who = await caller_of(request)
+    limit = _int_arg(request, "limit", 50, MAX_LIMIT) or 50
+    before_raw = request.args.get("before")
+    try:
+        before = float(before_raw) if before_raw is not None else None
+    except ValueError:
+        raise BadRequest("before must be a number (unix seconds)") from None
+    state = request.args.get("state")
+    if state is not None and state not in ("bot", "queued", "human", "closed"):
+        raise BadRequest("state must be one of bot, queued, human, closed")
+    if kind == "visitor":
+        convs = await ctx.storage.list_conversations(visitor_id=who, state=state, limit=limit, before=before)
+    elif state == QUEUED:
+        convs = await ctx.storage.list_conversations(state=QUEUED, limit=limit, before=before)
+    else:
+        convs = await ctx.storage.list_conversations(agent_id=who, state=state, limit=limit, before=before)
+    return json_response({"conversations": [conversation_dict(c) for c in convs if can_read(kind, who, c)]})
+
+
+async def _readable(request: Request, conversation_id: str) -> Conversation:
+    kind, who = await caller_of(request)
+    conv = await request.app.ctx.storage.get_conversation(conversation_id[:64])
+    if conv is None or not can_read(kind, who, conv):
+        raise NotFound("no such conversation")
+    return conv
+
+
+@bp.get("/conversations/<conversation_id:str>")
+async def get_conversation(request: Request, conversation_id: str) -> HTTPResponse:
+    return json_response(conversation_dict(await _readable(request, conversation_id)))
+
+
+@bp.get("/conversations/<conversation_id:str>/messages")
+async def get_messages(request: Request, conversation_id: str) -> HTTPResponse:
+    conv = await _readable(request, conversation_id)
+    after = _int_arg(request, "after", 0) or 0
+    limit = _int_arg(request, "limit", 100, MAX_LIMIT) or 100
+    msgs = await request.app.ctx.storage.messages(conv.id, after_seq=after, limit=limit)
+    return json_response({"conversation": conv.id, "last_seq": conv.last_seq,
+                          "messages": [m.as_dict() for m in msgs],
+                          "next_after": msgs[-1].seq if len(msgs) == limit else None})
+
+
+# -- agents, bots, knowledge ----------------------------------------------------------------
+
+@bp.get("/agents")
+async def list_agents(request: Request) -> HTTPResponse:
+    await agent_of(request)
+    ctx = request.app.ctx
+    return json_response({"agents": [agent_dict(a, ctx.router) for a in await ctx.storage.list_agents()],
+                          "queue": list(ctx.router.queue())})
+
+
+@bp.get("/agents/me")
+async def me(request: Request) -> HTTPResponse:
+    agent = await agent_of(request)
+    return json_response(agent_dict(agent, request.app.ctx.router))
+
+
+@bp.get("/bots")
+async def bots(request: Request) -> HTTPResponse:
+    engine = request.app.ctx.engine
+    return json_response({"bots": [{"name": n, "greeting": engine.greeting(n)} for n in sorted(engine.bots)]})
+
+
+@bp.post("/bots/<bot:str>/reply")
+async def bot_reply(request: Request, bot: str) -> HTTPResponse:
+    """Stateless: one turn, answered with the same fields as ``kefu ask --json``."""
+    ctx = request.app.ctx
+    if not ctx.reply_limit.hit(client_ip(request)):
+        raise RateLimited("too many bot requests from this address")
+    data = body(request)
+    text, session = data.get("text"), data.get("session", "default")
+    if not isinstance(session, str) or len(session) > 64:
+        raise BadRequest("session must be a string of at most 64 characters")
+    if not isinstance(text, str) or len(text) > int(ctx.settings["max_text_chars"]):
+        raise InputError(f"text must be a string of at most {ctx.settings['max_text_chars']} characters")
+    # "api:" keeps these sessions apart from the conversations' own memory
+    turn = await asyncio.wait_for(ctx.engine.handle(bot, text, session="api:" + session),
+                                  float(ctx.settings["bot_timeout_s"]))
+    out = turn.as_dict()
+    out["session"] = session
+    return json_response(out)
+
+
+@bp.post("/knowledge/reload")
+async def reload_knowledge(request: Request) -> HTTPResponse:
+    await agent_of(request)
+    data = body(request)
+    bot = data.get("bot")
+    if bot is not None and not isinstance(bot, str):
+        raise BadRequest("bot must be a string")
+    results = request.app.ctx.engine.reload(bot)
+    status = {name: ("ok" if err is None else [str(p) for p in err.problems]) for name, err in results.items()}
+    return json_response({"reloaded": status}, status=200 if all(v == "ok" for v in status.values()) else 422)
+
+
+@bp.get("/openapi.json")
+async def openapi(request: Request) -> HTTPResponse:
+    doc = (Path(__file__).with_name("openapi.json")).read_text(encoding="utf-8")
+    return HTTPResponse(doc, content_type="application/json")
+
+
+# -- operations -------------------------------------------------------------------------------
+
+@ops.get("/healthz")
+async def healthz(request: Request) -> HTTPResponse:
+    ctx = request.app.ctx
+    try:
+        await ctx.storage.get_conversation("0" * 32)
+        storage = "ok"
+    except Exception as exc:  # reads failing: not healthy
+        storage = f"error: {type(exc).__name__}"
+    ok = storage == "ok"
+    return json_response({"status": "ok" if ok else "degraded", "storage": storage,
+                          "bots": sorted(ctx.engine.bots), "connections": len(ctx.chat.registry.connections)},
+                         status=200 if ok else 503)
+
+
+@ops.get("/metrics")
+async def metrics(request: Request) -> HTTPResponse:
+    return text_response(request.app.ctx.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def error_response(request: Request, exc: KefuError) -> HTTPResponse:
+    status = int(getattr(exc, "status_code", 500) or 500)
+    message = exc.message if status < 500 else "internal error"
+    return json_response({"error": {"code": exc.code, "message": message}}, status=status)

@@ -1,0 +1,53 @@
+"""The two WebSocket endpoints: thin handlers over :class:`server.chat.Chat`.
+
+The Origin allow-list and the per-IP socket cap are checked before the upgrade
+(``check_upgrade`` runs as request middleware), so a refused upgrade gets an HTTP 403/429.
+"""
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlsplit
+
+from sanic import Blueprint, Request
+from sanic.response import json as json_response
+
+from . import protocol as P
+
+bp = Blueprint("ws")
+
+
+def client_ip(request: Request) -> str:
+    return request.remote_addr or request.ip or "?"
+
+
+def origin_allowed(origin: str | None, host: str, settings: dict[str, Any]) -> bool:
+    if origin is None:
+        return bool(settings["allow_no_origin"])
+    allowed = [o.rstrip("/").lower() for o in settings["origins"]]
+    if allowed:
+        return "*" in allowed or origin.rstrip("/").lower() in allowed
+    return urlsplit(origin).netloc.lower() == host.lower()   # default: same host only
+
+
+async def check_upgrade(request: Request):
+    if not request.path.startswith("/ws/"):
+        return None
+    ctx = request.app.ctx
+    if not origin_allowed(request.headers.get("origin"), request.host, ctx.settings):
+        ctx.metrics.inc("kefu_http_rejected_total", reason="origin")
+        return json_response({"error": {"code": "forbidden", "message": "origin not allowed"}}, status=403)
+    cap = int(ctx.settings["max_connections_per_ip"])
+    if cap and ctx.chat.registry.count_ip(client_ip(request)) >= cap:
+        ctx.metrics.inc("kefu_http_rejected_total", reason="connections_per_ip")
+        return json_response({"error": {"code": "rate_limited", "message": "too many connections"}}, status=429)
+    return None
+
+
+@bp.websocket("/ws/visitor", subprotocols=P.SUBPROTOCOLS)
+async def visitor_socket(request: Request, ws: Any) -> None:
+    await request.app.ctx.chat.serve(ws, "visitor", client_ip(request))
+
+
+@bp.websocket("/ws/agent", subprotocols=P.SUBPROTOCOLS)
+async def agent_socket(request: Request, ws: Any) -> None:
+    await request.app.ctx.chat.serve(ws, "agent", client_ip(request))

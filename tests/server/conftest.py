@@ -1,0 +1,204 @@
+"""A real kefu server on a free loopback port, per test, with a temp data dir and the test bot.
+
+``server_factory(**settings)`` starts one in-process (Sanic's AsyncioServer); clients are the
+real ``websockets`` package.  Nothing sleeps: waits are receives with a timeout.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import socket
+import uuid
+from typing import Any
+
+import pytest
+from sanic import Sanic
+from websockets.asyncio.client import connect
+
+from server.app import create_app
+from server.auth import hash_password
+from server.config import load_server_config
+
+from . import testbot
+
+Sanic.test_mode = True
+_names = itertools.count(1)
+ORIGIN = "http://127.0.0.1"
+TIMEOUT = 5.0
+
+
+def server_config(data_dir, **server: Any):
+    config = load_server_config(env={})
+    config["engine"].update({"delays": False, "use_models": False, "watch_knowledge": False, "seed": 0,
+                             "bots": ["testbot"]})
+    config["server"].update({"data_dir": str(data_dir), "secret_key": "test-secret-key-0123456789",
+                             "identity_secret": "host-site-secret", "rate_per_s": 200.0, "rate_burst": 400,
+                             "new_conversations_per_ip_per_min": 10000, "tick_s": 0.2,
+                             "origins": [ORIGIN, "https://shop.example"]})
+    config["server"].update(server)
+    return config
+
+
+class Client:
+    """A WebSocket client that reads frames with a timeout and keeps what it skipped."""
+
+    def __init__(self, ws) -> None:
+        self.ws = ws
+        self.frames: list[dict[str, Any]] = []
+
+    async def send(self, frame: dict[str, Any] | str | bytes) -> None:
+        await self.ws.send(frame if isinstance(frame, (str, bytes)) else json.dumps(frame))
+
+    async def recv(self, timeout: float = TIMEOUT) -> dict[str, Any]:
+        raw = await asyncio.wait_for(self.ws.recv(), timeout)
+        frame = json.loads(raw) if isinstance(raw, str) else __import__("msgpack").unpackb(raw)
+        self.frames.append(frame)
+        return frame
+
+    async def expect(self, pred, timeout: float = TIMEOUT, what: str = "") -> dict[str, Any]:
+        """The next frame matching ``pred`` (a type name or a predicate); others are skipped."""
+        test = (lambda f: f.get("type") == pred) if isinstance(pred, str) else pred
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise AssertionError(f"no frame matching {what or pred!r}; got {self.frames[-8:]}")
+            try:
+                frame = await self.recv(left)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"no frame matching {what or pred!r}; got {self.frames[-8:]}") from None
+            if test(frame):
+                return frame
+
+    async def message(self, text: str, conversation: str | None = None, cid: str | None = None) -> dict[str, Any]:
+        cid = cid or uuid.uuid4().hex
+        frame = {"type": "message", "id": cid, "text": text}
+        if conversation:
+            frame["conversation"] = conversation
+        await self.send(frame)
+        return await self.expect(lambda f: f.get("type") in ("ack", "error") and f.get("id") == cid,
+                                 what=f"ack {cid}")
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+class Server:
+    def __init__(self, app, port: int) -> None:
+        self.app, self.port = app, port
+        self.base = f"http://127.0.0.1:{port}"
+        self.ws_base = f"ws://127.0.0.1:{port}"
+
+    @property
+    def ctx(self):
+        return self.app.ctx
+
+    async def connect(self, path: str, *, origin: str | None = ORIGIN, **kw: Any) -> Client:
+        kw.setdefault("open_timeout", TIMEOUT)
+        ws = await connect(self.ws_base + path, origin=origin, **kw)
+        return Client(ws)
+
+    async def visitor(self, **hello: Any) -> tuple[Client, dict[str, Any]]:
+        client = await self.connect("/ws/visitor")
+        await client.send({"type": "hello", "bot": "testbot", **hello})
+        welcome = await client.expect("welcome")
+        return client, welcome
+
+    async def add_agent(self, username: str, password: str = "password123", capacity: int = 2,
+                        display_name: str = "") -> Any:
+        return await self.ctx.storage.add_agent(username, hash_password(password), capacity=capacity,
+                                                display_name=display_name or username.title())
+
+    async def http(self, method: str, path: str, *, token: str | None = None, json_body: Any = None):
+        """A tiny HTTP/1.1 client over asyncio streams (no extra dependency)."""
+        return await http_request(self.port, method, path, token=token, json_body=json_body)
+
+    async def login(self, username: str, password: str = "password123") -> str:
+        status, data = await self.http("POST", "/api/v1/auth/login",
+                                       json_body={"username": username, "password": password})
+        assert status == 200, data
+        return data["token"]
+
+    async def agent(self, username: str, **hello: Any) -> tuple[Client, dict[str, Any]]:
+        token = await self.login(username)
+        client = await self.connect("/ws/agent")
+        await client.send({"type": "hello", "token": token, **hello})
+        welcome = await client.expect("welcome")
+        return client, welcome
+
+
+async def http_request(port: int, method: str, path: str, *, token: str | None = None, json_body: Any = None,
+                       headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = b"" if json_body is None else json.dumps(json_body).encode()
+    lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close",
+             f"Content-Length: {len(body)}"]
+    if json_body is not None:
+        lines.append("Content-Type: application/json")
+    if token:
+        lines.append(f"Authorization: Bearer {token}")
+    for k, v in (headers or {}).items():
+        lines.append(f"{k}: {v}")
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+    await writer.drain()
+    raw = await asyncio.wait_for(reader.read(), TIMEOUT)
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    if b"transfer-encoding: chunked" in head.lower():
+        payload = _unchunk(payload)
+    try:
+        return status, json.loads(payload) if payload else None
+    except ValueError:
+        return status, payload.decode("utf-8", "replace")
+
+
+def _unchunk(data: bytes) -> bytes:
+    out = b""
+    while data:
+        size_line, _, rest = data.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        data = rest[size + 2:]
+    return out
+
+
+def free_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(512)
+    sock.setblocking(False)
+    return sock
+
+
+@pytest.fixture
+async def server_factory(tmp_path):
+    started: list[Any] = []
+
+    async def start(plugins=(testbot,), data_dir=None, **settings: Any) -> Server:
+        config = server_config(data_dir or tmp_path / "data", **settings)
+        app = create_app(config, plugins=plugins, load_entrypoints=False, name=f"kefu_test_{next(_names)}")
+        sock = free_socket()
+        srv = await app.create_server(sock=sock, return_asyncio_server=True)
+        await srv.startup()
+        await srv.before_start()
+        await srv.after_start()
+        started.append(srv)
+        return Server(app, sock.getsockname()[1])
+
+    yield start
+    for srv in reversed(started):
+        await srv.before_stop()
+        srv.close()
+        await srv.wait_closed()
+        await srv.after_stop()
+
+
+@pytest.fixture
+async def server(server_factory) -> Server:
+    return await server_factory()

@@ -1,0 +1,37 @@
+"""A visitor talks to the bot over a real WebSocket."""
+from __future__ import annotations
+
+import msgpack
+
+from .conftest import Client
+
+
+async def test_visitor_gets_greeting_ack_and_bot_answer(server):
+    client, welcome = await server.visitor()
+    conv = welcome["conversation"]
+    assert conv["state"] == "bot" and conv["bot"] == "testbot"
+    assert welcome["token"] and welcome["visitor"].startswith("v")
+    greeting = await client.expect("message")
+    assert greeting["role"] == "bot" and greeting["kind"] == "greeting" and greeting["seq"] == 1
+    ack = await client.message("when are you open")
+    assert ack["type"] == "ack" and ack["seq"] == 2 and ack["duplicate"] is False
+    typing = await client.expect("typing")
+    assert typing["role"] == "bot" and typing["on"] is True
+    reply = await client.expect("message")
+    assert reply["role"] == "bot" and reply["text"] == "We are open 9 to 5." and reply["seq"] == 3
+    assert reply["meta"]["intent"] == "opening_hours"
+    await client.close()
+
+
+async def test_msgpack_subprotocol(server):
+    ws = await server.connect("/ws/visitor", subprotocols=["kefu.msgpack"])
+    assert ws.ws.subprotocol == "kefu.msgpack"
+    await ws.send(msgpack.packb({"type": "hello", "bot": "testbot"}))
+    welcome = await ws.expect("welcome")
+    assert welcome["conversation"]["state"] == "bot"
+    await ws.send(msgpack.packb({"type": "message", "id": "m1", "text": "hi"}))
+    ack = await ws.expect("ack")
+    assert ack["id"] == "m1" and ack["seq"] == 2
+    reply = await ws.expect(lambda f: f.get("type") == "message" and f["seq"] == 3)
+    assert reply["text"] == "Hi! testbot here."
+    await ws.close()
