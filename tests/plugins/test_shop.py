@@ -22,6 +22,8 @@ PARAPHRASES: list[tuple[str, str]] = [
     ("I'm off now, have a good evening", "goodbye"),
     ("can I chat with an actual person please", "human_agent"),
     ("this bot is useless, get me a manager", "human_agent"),
+    ("do you know any funny jokes?", "chitchat"),
+    ("what's your favourite colour?", "chitchat"),
     # orders
     ("where has my parcel got to?", "order/status"),
     ("I'd like an update on the status of my purchase", "order/status"),
