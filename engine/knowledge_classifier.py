@@ -14,6 +14,7 @@ import numpy as np
 from scipy.sparse import hstack
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
+from threadpoolctl import threadpool_limits
 
 from .errors import ModelError
 from .intent import IntentClassifier
@@ -42,8 +43,11 @@ class KnowledgeClassifier(IntentClassifier):
         char_range = (1, 3) if cjk else (2, 5)
         self._char = TfidfVectorizer(analyzer="char_wb", ngram_range=char_range, sublinear_tf=True)
         x = hstack([self._word.fit_transform(texts), self._char.fit_transform(texts)]).tocsr()
-        self._model = LogisticRegression(C=c, max_iter=2000)
-        self._model.fit(x, list(labels))
+        self._model = LogisticRegression(C=c, max_iter=2000, tol=1e-3)
+        # One BLAS thread: these matrices are tiny, and a BLAS thread pool fighting the
+        # server (or another fit) for two cores made fitting ten times slower.
+        with threadpool_limits(limits=1):
+            self._model.fit(x, list(labels))
         self.labels = tuple(str(label) for label in self._model.classes_)
 
     def predict_batch(self, texts: Sequence[str], top_k: int = 3) -> list[Classification]:
