@@ -250,11 +250,17 @@ class RoutingState(abc.ABC):
 
     # -- queue
     @abc.abstractmethod
-    async def enqueue(self, conversation_id: str, score: float) -> None:
-        """Add (or keep) a conversation in the queue, ordered by ``score`` then arrival."""
+    async def enqueue(self, conversation_id: str, score: float) -> bool:
+        """Add (or keep) a conversation in the queue, ordered by ``score`` then arrival.
+        A conversation with an owner is never queued (False): binding one (commit, adopt)
+        also takes it out of the queue, so whichever of two racing routers comes last, a
+        conversation is either owned or queued, never both."""
 
     @abc.abstractmethod
     async def dequeue(self, conversation_id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def queue_size(self) -> int: ...
 
     @abc.abstractmethod
     async def pop_queue(self) -> tuple[str, float] | None:
@@ -422,6 +428,7 @@ class InMemoryRoutingState(RoutingState):
             self._touch(prev)
         self._owner[conversation_id] = a.agent_id
         a.conversations[conversation_id] = None
+        self._unqueue(conversation_id)
         self._touch(a)
 
     async def cancel(self, agent_id: str) -> None:
@@ -452,20 +459,29 @@ class InMemoryRoutingState(RoutingState):
         return any(a.sockets > 0 and a.status == ONLINE for a in self._agents.values())
 
     # -- queue
-    async def enqueue(self, conversation_id: str, score: float) -> None:
+    async def enqueue(self, conversation_id: str, score: float) -> bool:
+        if conversation_id in self._owner:
+            return False
         if conversation_id in self._queued:
-            return
+            return True
         key = (score, next(self._arrivals), conversation_id)
         bisect.insort(self._queue, key)
         self._queued[conversation_id] = key
+        return True
 
     async def dequeue(self, conversation_id: str) -> bool:
+        return self._unqueue(conversation_id)
+
+    def _unqueue(self, conversation_id: str) -> bool:
         key = self._queued.pop(conversation_id, None)
         if key is None:
             return False
         i = bisect.bisect_left(self._queue, key)
         del self._queue[i]
         return True
+
+    async def queue_size(self) -> int:
+        return len(self._queue)
 
     async def pop_queue(self) -> tuple[str, float] | None:
         if not self._queue:
@@ -555,17 +571,17 @@ class Router:
     # -- conversations
     async def request_human(self, conversation_id: str) -> Assigned | Queued | Unavailable:
         """Route a conversation that wants a person (state bot or queued)."""
-        if self.business_hours is not None and not self.business_hours.is_open(self._now()):
-            return Unavailable(conversation_id, "outside_business_hours")
         owner = await self.state.owner(conversation_id)
         if owner is not None:                 # already with a person (as far as we know)
             return Assigned(conversation_id, owner)
         pos = await self.state.position(conversation_id)
         if pos is not None:
             return Queued(conversation_id, pos)
+        if self.business_hours is not None and not self.business_hours.is_open(self._now()):
+            return Unavailable(conversation_id, "outside_business_hours")
         if not await self.state.any_online():
             return Unavailable(conversation_id, "no_agents_online")
-        if not self.state.queue_ids():        # FIFO: nobody jumps an existing queue
+        if not await self.state.queue_size():   # FIFO: nobody jumps an existing queue
             agent = await self.state.reserve()
             if agent is not None:
                 return await self._assign(conversation_id, agent, (BOT, QUEUED))
@@ -596,7 +612,7 @@ class Router:
             await self.state.cancel(agent_id)
             raise
         if conv is None:
-            await self.state.cancel(agent_id)
+            await self._give_back(agent_id)
             current = await self._settle(conversation_id, raise_on_lost=True)
             if isinstance(current, Assigned):
                 raise RoutingError("already_assigned", f"{conversation_id} is with {current.agent_id}")
@@ -649,7 +665,7 @@ class Router:
             await self.state.cancel(to_agent)
             raise
         if conv is None:
-            await self.state.cancel(to_agent)
+            await self._give_back(to_agent)
             current = await self.storage.get_conversation(conversation_id)
             if current is None:
                 raise RoutingError("not_found", conversation_id)
@@ -743,13 +759,19 @@ class Router:
             await self.state.cancel(agent_id)
             raise
         if conv is None:
-            await self.state.cancel(agent_id)
+            await self._give_back(agent_id)
             return await self._settle(conversation_id, raise_on_lost=True)
         await self.state.dequeue(conversation_id)
         await self.state.commit(conversation_id, agent_id)
         event = Assigned(conversation_id, agent_id)
         await self._notify(event)
         return event
+
+    async def _give_back(self, agent_id: str) -> None:
+        """A compare-and-set lost: return the reserved slot, and offer it to the queue (a
+        request that found the slot taken may have queued meanwhile)."""
+        await self.state.cancel(agent_id)
+        await self._offer()
 
     async def _settle(self, conversation_id: str, *, raise_on_lost: bool) -> Assigned | Queued:
         """A compare-and-set failed: align our view with the stored row."""
@@ -775,7 +797,7 @@ class Router:
     async def _offer(self) -> list[Assigned]:
         """Offer queued conversations, head first, while some agent has a free slot."""
         out: list[Assigned] = []
-        while self.state.queue_ids():
+        while await self.state.queue_size():
             agent_id = await self.state.reserve()
             if agent_id is None:
                 break

@@ -344,6 +344,8 @@ async def test_two_tabs_one_disconnect_keeps_agent_online(storage, router, clock
 # --------------------------------------------------------------------------- concurrency
 @pytest.mark.parametrize("same_agents", [False, True], ids=["disjoint-agents", "same-agents"])
 async def test_two_routers_assign_each_conversation_exactly_once(storage, clock, same_agents):
+    """Two routers with their own state (two nodes, no shared load): the database's
+    compare-and-set alone decides, and the loser adopts the winner's assignment."""
     ev1, ev2 = Events(), Events()
     r1 = Router(storage, clock=clock, notify=ev1)
     r2 = Router(storage, clock=clock, notify=ev2)
@@ -360,6 +362,7 @@ async def test_two_routers_assign_each_conversation_exactly_once(storage, clock,
     results = await asyncio.gather(*calls)
 
     winners = ev1.assigned() + ev2.assigned()
+    assert ev1 and ev2                                # both won some: a real race
     assert Counter(e.conversation_id for e in winners) == {x: 1 for x in c}
     by_cid = {e.conversation_id: e.agent_id for e in winners}
     for x in c:
@@ -372,6 +375,29 @@ async def test_two_routers_assign_each_conversation_exactly_once(storage, clock,
             assert r1.load(n) == r2.load(n) == per_agent[n]
     else:
         assert sum(r1.load(n) for n in names1) + sum(r2.load(n) for n in names2) == 50
+
+
+async def test_two_routers_sharing_state_respect_capacity_globally(storage, clock):
+    """Two routers over one database and one RoutingState (what Redis will be): each
+    conversation assigned at most once and no agent over capacity; the rest queued once."""
+    shared = InMemoryRoutingState()
+    ev1, ev2 = Events(), Events()
+    r1 = Router(storage, clock=clock, notify=ev1, state=shared)
+    r2 = Router(storage, clock=clock, notify=ev2, state=shared)
+    for n in ("a1", "a2", "a3"):
+        await r1.agent_connected(n, 5)
+    c = await new_convs(storage, 50)
+    calls = []
+    for x in c:
+        calls += [r1.request_human(x), r2.request_human(x)]
+    await asyncio.gather(*calls)
+    winners = ev1.assigned() + ev2.assigned()
+    assert len(winners) == 15 and len({e.conversation_id for e in winners}) == 15
+    assert Counter(e.agent_id for e in winners) == {"a1": 5, "a2": 5, "a3": 5}
+    states = Counter([(await stored(storage, x))[0] for x in c])
+    assert states == {HUMAN: 15, QUEUED: 35}
+    assert sorted(r1.queue()) == sorted(x for x in c if x not in {e.conversation_id for e in winners})
+    assert all(r1.load(n) == 5 for n in ("a1", "a2", "a3"))
 
 
 async def test_concurrent_requests_one_router_respect_capacity(storage, router):
