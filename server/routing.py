@@ -635,8 +635,8 @@ class Router:
     async def close(self, conversation_id: str, agent_id: str | None = None) -> Conversation:
         """Close in storage (only by its owner when ``agent_id`` is given), then release."""
         kw: dict[str, Any] = {} if agent_id is None else {"from_agent": agent_id}
-        conv = await self.storage.transition(conversation_id, to_state=CLOSED,
-                                             agent_id=agent_id,
+        keep = agent_id if agent_id is not None else await self.state.owner(conversation_id)
+        conv = await self.storage.transition(conversation_id, to_state=CLOSED, agent_id=keep,
                                              from_states=(BOT, QUEUED, HUMAN), **kw)
         if conv is None:
             current = await self.storage.get_conversation(conversation_id)
@@ -685,12 +685,20 @@ class Router:
         a conversation whose agent's grace expired), then :class:`Queued` (with
         ``previous_agent``) for each re-queued conversation still waiting."""
         requeued: list[tuple[str, str]] = []
-        for agent_id, convs in await self.state.expire(self.clock()):
+        now = self.clock()
+        for agent_id, convs in await self.state.expire(now):
             for cid in convs:
-                conv = await self.storage.transition(cid, to_state=QUEUED, agent_id=None,
-                                                     from_states=(HUMAN,), from_agent=agent_id)
-                if conv is None:          # closed or moved meanwhile: take the stored truth
-                    await self._settle(cid, raise_on_lost=False)
+                try:
+                    conv = await self.storage.transition(cid, to_state=QUEUED, agent_id=None,
+                                                         from_states=(HUMAN,),
+                                                         from_agent=agent_id)
+                    if conv is None:      # closed or moved meanwhile: take the stored truth
+                        await self._settle(cid, raise_on_lost=False)
+                        continue
+                except Exception:         # storage trouble: keep it held, retry next tick
+                    log.exception("routing: re-queueing %s from %s failed", cid, agent_id)
+                    await self.state.hold(agent_id, now)
+                    await self.state.adopt(cid, agent_id)
                     continue
                 await self.state.enqueue(cid, time.time())
                 self._previous[cid] = agent_id

@@ -324,6 +324,39 @@ async def test_grace_expiry_requeues_and_reoffers_to_another_agent(storage, rout
     assert [await stored(storage, x) for x in rest] == [(HUMAN, "b")] * 2
 
 
+async def test_grace_expiry_survives_a_storage_failure(storage, router, clock, monkeypatch):
+    from server.storage.base import StorageError
+    (c,) = await new_convs(storage, 1)
+    await router.agent_connected("a", 1)
+    await router.request_human(c)
+    await router.agent_disconnected("a")
+    clock.advance(61)
+    real = storage.transition
+
+    async def failing(*a, **kw):
+        raise StorageError("disk full")
+    monkeypatch.setattr(storage, "transition", failing)
+    assert await router.tick() == []
+    assert router.load("a") == 1                      # still held, not forgotten
+    monkeypatch.setattr(storage, "transition", real)
+    assert await router.tick() == [Queued(c, 1, previous_agent="a")]
+    assert await stored(storage, c) == (QUEUED, None)
+
+
+async def test_close_by_owner_only(storage, router, events):
+    c = await new_convs(storage, 2)
+    await router.agent_connected("a", 1)
+    await router.agent_connected("b", 1)
+    await router.request_human(c[0])                  # a
+    await router.request_human(c[1])                  # b
+    with pytest.raises(RoutingError) as e:
+        await router.close(c[0], "b")
+    assert e.value.code == "not_owner"
+    closed = await router.close(c[0], "a")
+    assert (closed.state, closed.agent_id) == (CLOSED, "a")
+    assert router.load("a") == 0
+
+
 async def test_two_tabs_one_disconnect_keeps_agent_online(storage, router, clock):
     c = await new_convs(storage, 2)
     await router.agent_connected("a", 5)
