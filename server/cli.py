@@ -1,0 +1,132 @@
+"""``kefu serve`` and ``kefu agent ...``: loaded by engine.cli through the ``kefu.commands`` group."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser("serve", help="run the chat server (WebSockets, REST, pages)",
+                                  description="Run the kefu chat server. Settings: config.toml [server] "
+                                              "and KEFU_SERVER_* variables; these flags win over both.")
+    serve.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (server.port, default 8000)")
+    serve.add_argument("--data-dir", type=Path, help="SQLite file and generated secret (server.data_dir, default ./data)")
+    serve.set_defaults(func=cmd_serve)
+
+    agent = subparsers.add_parser("agent", help="manage agent accounts")
+    asub = agent.add_subparsers(dest="agent_command", metavar="ACTION")
+    asub.required = True
+    add = asub.add_parser("add", help="create an agent account")
+    add.add_argument("username")
+    add.add_argument("--display-name", default="", help="name shown to visitors (default: the username)")
+    add.add_argument("--capacity", type=int, help="conversations at once (default server.agent_capacity, 5)")
+    add.add_argument("--team", default="default")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin (else prompted)")
+    add.add_argument("--data-dir", type=Path, help="as for serve")
+    add.set_defaults(func=cmd_agent_add)
+    pw = asub.add_parser("password", help="set an agent's password (revokes their tokens and open sockets on restart)")
+    pw.add_argument("username")
+    pw.add_argument("--password-stdin", action="store_true")
+    pw.add_argument("--data-dir", type=Path)
+    pw.set_defaults(func=cmd_agent_password)
+    ls = asub.add_parser("list", help="list agent accounts")
+    ls.add_argument("--data-dir", type=Path)
+    ls.set_defaults(func=cmd_agent_list)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .config import load_server_config
+
+    config = load_server_config(getattr(args, "config", None))
+    if getattr(args, "host", None):
+        config["server"]["host"] = args.host
+    if getattr(args, "port", None):
+        config["server"]["port"] = args.port
+    if getattr(args, "data_dir", None):
+        config["server"]["data_dir"] = str(args.data_dir)
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .app import create_app
+
+    config = _config(args)
+    s = config["server"]
+    logging.getLogger("kefu").setLevel(logging.INFO)
+    app = create_app(config)
+    print(f"kefu: serving on http://{s['host']}:{s['port']} (data in {s['data_dir']})", file=sys.stderr, flush=True)
+    app.run(host=str(s["host"]), port=int(s["port"]), single_process=True, access_log=False, motd=False)
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            raise SystemExit("kefu: passwords differ")
+    if len(password) < 8:
+        raise SystemExit("kefu: a password needs at least 8 characters")
+    return password
+
+
+async def _with_storage(config: Any, fn: Any) -> Any:
+    from .config import database_url, server_settings
+    from .storage import open_storage
+
+    storage = await open_storage(database_url(server_settings(config)))
+    try:
+        return await fn(storage)
+    finally:
+        await storage.close()
+
+
+def cmd_agent_add(args: argparse.Namespace) -> int:
+    from .auth import hash_password
+    from .storage import Conflict
+
+    config = _config(args)
+    capacity = args.capacity if args.capacity is not None else int(config["server"]["agent_capacity"])
+    password_hash = hash_password(_read_password(args))
+
+    async def add(storage: Any) -> Any:
+        return await storage.add_agent(args.username, password_hash, display_name=args.display_name or args.username,
+                                       capacity=capacity, team=args.team)
+    try:
+        agent = asyncio.run(_with_storage(config, add))
+    except Conflict as exc:
+        print(f"kefu: {exc}", file=sys.stderr)
+        return 1
+    print(f"agent {agent.username} created (id {agent.id}, capacity {agent.capacity})")
+    return 0
+
+
+def cmd_agent_password(args: argparse.Namespace) -> int:
+    from .auth import hash_password
+
+    config = _config(args)
+    password_hash = hash_password(_read_password(args))
+
+    async def change(storage: Any) -> Any:
+        agent = await storage.get_agent(username=args.username)
+        return agent and await storage.update_agent(agent.id, password_hash=password_hash)
+    if not asyncio.run(_with_storage(config, change)):
+        print(f"kefu: no agent {args.username!r}", file=sys.stderr)
+        return 1
+    print(f"password of {args.username} changed; older tokens are revoked")
+    return 0
+
+
+def cmd_agent_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    agents = asyncio.run(_with_storage(config, lambda storage: storage.list_agents()))
+    for a in agents:
+        print(f"{a.username}\t{a.display_name}\tcapacity={a.capacity}\tteam={a.team}\t{a.id}")
+    return 0
