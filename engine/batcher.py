@@ -40,6 +40,10 @@ class MicroBatcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         """Queue ``item`` and wait for its result (exceptions from ``fn`` propagate)."""
+        return await self.submit_nowait(item)
+
+    def submit_nowait(self, item: T) -> asyncio.Future[R]:
+        """Queue ``item`` now and return the future of its result (call from the event loop)."""
         if self._closed:
             raise BatcherClosed("the batcher is closed")
         loop = asyncio.get_running_loop()
@@ -49,7 +53,7 @@ class MicroBatcher(Generic[T, R]):
             self._task = loop.create_task(self._collect(self._queue), name="kefu-batcher-collect")
         fut: asyncio.Future[R] = loop.create_future()
         self._queue.put_nowait((item, fut))
-        return await fut
+        return fut
 
     async def _collect(self, queue: asyncio.Queue[tuple[T, asyncio.Future[R]]]) -> None:
         loop = asyncio.get_running_loop()

