@@ -8,7 +8,11 @@ after ``write_batch`` returned, i.e. after the commit: nothing is acknowledged u
 
 If the batch transaction fails, every item is retried alone (its own transaction), so one
 bad item fails only its own caller.  A failure is always reported as :class:`StorageError`
-with the original exception as ``__cause__``.
+with the original exception as ``__cause__``.  When the failure is not the items' fault
+(a locked or full database, a lost server), the single retries fail too: after
+``max_consecutive_failures`` single retries in a row fail, the rest of the batch fails at
+once with the same error instead of each waiting out its own lock timeout, so a stuck
+database costs (1 + max_consecutive_failures) timeouts, not one per queued message.
 
 ``write_batch`` may also return an exception *instance* as an item's result (e.g. unknown
 conversation): that caller gets it raised while the rest of the batch commits.
@@ -38,14 +42,18 @@ class GroupCommitStats:
     items: int = 0            # items resolved with a result
     failed_batches: int = 0   # batch transactions that failed and were retried item by item
     failed_items: int = 0     # items whose own transaction failed too
+    single_retries: int = 0   # single-item transactions tried after a failed batch
+    given_up: int = 0         # items failed without a retry (the database kept failing)
     largest_batch: int = 0
 
 
 class GroupCommitter(Generic[T, R]):
     def __init__(self, write_batch: Callable[[Sequence[T]], Awaitable[list[Any]]], *,
-                 max_batch: int = 256, window: float = 0.0, name: str = "kefu-storage-writer"):
+                 max_batch: int = 256, window: float = 0.0, max_consecutive_failures: int = 3,
+                 name: str = "kefu-storage-writer"):
         if max_batch < 1:
             raise ValueError("max_batch must be >= 1")
+        self.max_consecutive_failures = max(1, max_consecutive_failures)
         self._write_batch = write_batch
         self.max_batch = max_batch
         self.window = window
@@ -65,7 +73,7 @@ class GroupCommitter(Generic[T, R]):
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending.append((item, fut))
         self._wakeup.set()
-        if self._task is None:
+        if self._task is None or self._task.done():      # first use, or after a crash
             self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
         # A cancelled caller does not stop the write (its item may still be stored; a
         # client id makes the client's retry idempotent); the writer skips done futures.
@@ -76,7 +84,10 @@ class GroupCommitter(Generic[T, R]):
         self._closing = True
         self._wakeup.set()
         if self._task is not None:
-            await self._task
+            try:
+                await self._task
+            except Exception:  # already reported to its callers
+                log.exception("storage writer failed")
 
     # -- the writer task
     async def _run(self) -> None:
@@ -119,8 +130,19 @@ class GroupCommitter(Generic[T, R]):
                 self.stats.failed_batches += 1
                 log.warning("group commit of %d items failed (%r); retrying one by one",
                             len(batch), exc)
-                for entry in batch:
-                    await self._process_one(entry)
+                failures = 0
+                for i, entry in enumerate(batch):
+                    error = await self._process_one(entry)
+                    if error is None:
+                        failures = 0
+                        continue
+                    failures += 1
+                    if failures >= self.max_consecutive_failures:
+                        for _, fut in batch[i + 1:]:
+                            self.stats.given_up += 1
+                            self.stats.failed_items += 1
+                            self._fail(fut, error)
+                        break
                 return
             self.stats.batches += 1
             for (_, fut), result in zip(batch, results, strict=True):
@@ -128,17 +150,20 @@ class GroupCommitter(Generic[T, R]):
         finally:
             self.inflight = []
 
-    async def _process_one(self, entry: tuple[T, asyncio.Future]) -> None:
+    async def _process_one(self, entry: tuple[T, asyncio.Future]) -> Exception | None:
+        """Write one item in its own transaction; the exception when that failed."""
         item, fut = entry
         self.inflight = [entry]
+        self.stats.single_retries += 1
         try:
             (result,) = await self._write_batch([item])
         except Exception as exc:
             self.stats.failed_items += 1
             self._fail(fut, exc)
-        else:
-            self.stats.batches += 1
-            self._resolve(fut, result)
+            return exc
+        self.stats.batches += 1
+        self._resolve(fut, result)
+        return None
 
     def _resolve(self, fut: asyncio.Future, result: Any) -> None:
         if fut.done():
@@ -153,8 +178,10 @@ class GroupCommitter(Generic[T, R]):
     def _fail(fut: asyncio.Future, exc: Exception) -> None:
         if fut.done():
             return
-        if not isinstance(exc, StorageError):
-            err = StorageError(f"could not store the message: {exc}")
-            err.__cause__ = exc
-            exc = err
-        fut.set_exception(exc)
+        # A fresh exception per caller (one instance raised in many tasks would share a
+        # traceback); the database's error stays reachable as __cause__.
+        cause = exc.__cause__ if isinstance(exc, StorageError) and exc.__cause__ else exc
+        err = type(exc)(*exc.args) if isinstance(exc, StorageError) else \
+            StorageError(f"could not store the message: {exc}")
+        err.__cause__ = cause
+        fut.set_exception(err)
