@@ -120,6 +120,26 @@ def test_paraphrase_reaches_its_intent(eng, text, intent):
     assert (turn.intent, turn.source != "fallback") == (intent, True), turn.as_dict()
 
 
+def test_every_example_reaches_its_own_intent(eng):
+    """Catches keywords, synonyms and FAQ entries that steal another intent's examples."""
+    knowledge = load_knowledge(paths.knowledge_dir() / "shop.yaml")
+    stolen = []
+    for name, intent in knowledge.intents.items():
+        for example in intent.examples:
+            turn = eng.ask("shop", example, session=f"example:{example}")
+            if turn.intent != name:
+                stolen.append((example, name, turn.intent, turn.source))
+    assert stolen == []
+
+
+def test_every_faq_question_gets_its_faq_answer(eng):
+    knowledge = load_knowledge(paths.knowledge_dir() / "shop.yaml")
+    for entry in knowledge.faq:
+        for question in (entry.question, *entry.alternatives):
+            turn = eng.ask("shop", question, session=f"faq:{question}")
+            assert (turn.intent, turn.source, turn.answer) == (entry.intent, "faq", entry.answer), question
+
+
 # -- handoff ------------------------------------------------------------------------------
 
 
