@@ -71,7 +71,7 @@ class Codec:
             else:
                 if isinstance(data, (bytes, bytearray)):
                     data = bytes(data).decode("utf-8")
-                frame = json.loads(data, parse_constant=_reject_constant)
+                frame = json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
         except FrameError:
             raise
         except (ValueError, msgpack.UnpackException, RecursionError, TypeError) as exc:
@@ -89,6 +89,13 @@ class Codec:
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
 
 
 def _json_encode(frame: dict[str, Any]) -> str:

@@ -43,11 +43,29 @@ async def check_upgrade(request: Request):
     return None
 
 
+def guard_utf8(ws: Any) -> None:
+    """Close with 1007 on a text frame that is not UTF-8.  (Sanic's frame assembler raises
+    UnicodeDecodeError in a background task and leaves the socket hanging otherwise.)"""
+    process_events = getattr(ws, "process_events", None)
+    if process_events is None:
+        return
+
+    async def checked(events: Any) -> None:
+        try:
+            await process_events(events)
+        except UnicodeDecodeError:
+            ws.fail_connection(P.CLOSE_INVALID_DATA, "invalid UTF-8")
+
+    ws.process_events = checked
+
+
 @bp.websocket("/ws/visitor", subprotocols=P.SUBPROTOCOLS)
 async def visitor_socket(request: Request, ws: Any) -> None:
+    guard_utf8(ws)
     await request.app.ctx.chat.serve(ws, "visitor", client_ip(request))
 
 
 @bp.websocket("/ws/agent", subprotocols=P.SUBPROTOCOLS)
 async def agent_socket(request: Request, ws: Any) -> None:
+    guard_utf8(ws)
     await request.app.ctx.chat.serve(ws, "agent", client_ip(request))

@@ -202,3 +202,82 @@ async def server_factory(tmp_path):
 @pytest.fixture
 async def server(server_factory) -> Server:
     return await server_factory()
+
+
+class RawSocket:
+    """A hand-rolled WebSocket client for what well-behaved libraries refuse to send
+    (invalid UTF-8) and for peers that never answer pings or never read."""
+
+    def __init__(self, reader, writer, response: bytes) -> None:
+        self.reader, self.writer, self.response = reader, writer, response
+
+    @classmethod
+    async def open(cls, port: int, path: str, origin: str | None = ORIGIN, rcvbuf: int | None = None) -> "RawSocket":
+        import base64
+        import os as _os
+
+        sock = None
+        if rcvbuf:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+        else:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        key = base64.b64encode(_os.urandom(16)).decode()
+        lines = [f"GET {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13"]
+        if origin:
+            lines.append(f"Origin: {origin}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        response = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
+        return cls(reader, writer, response)
+
+    @property
+    def status(self) -> int:
+        return int(self.response.split(b" ", 2)[1])
+
+    async def send_frame(self, payload: bytes, opcode: int = 1) -> None:
+        import os as _os
+        import struct
+
+        header = bytes([0x80 | opcode])
+        n = len(payload)
+        if n < 126:
+            header += bytes([0x80 | n])
+        elif n < 65536:
+            header += bytes([0x80 | 126]) + struct.pack("!H", n)
+        else:
+            header += bytes([0x80 | 127]) + struct.pack("!Q", n)
+        mask = _os.urandom(4)
+        masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+        self.writer.write(header + mask + masked)
+        await self.writer.drain()
+
+    async def read_frame(self, timeout: float = TIMEOUT) -> tuple[int, bytes]:
+        import struct
+
+        head = await asyncio.wait_for(self.reader.readexactly(2), timeout)
+        opcode, n = head[0] & 0x0F, head[1] & 0x7F
+        if n == 126:
+            n = struct.unpack("!H", await self.reader.readexactly(2))[0]
+        elif n == 127:
+            n = struct.unpack("!Q", await self.reader.readexactly(8))[0]
+        return opcode, await self.reader.readexactly(n)
+
+    async def close_code(self, timeout: float = TIMEOUT) -> int | None:
+        """Read until the server's close frame; its code (None if the TCP connection just ended)."""
+        import struct
+
+        try:
+            while True:
+                opcode, payload = await self.read_frame(timeout)
+                if opcode == 8:
+                    return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            return None
+
+    def close(self) -> None:
+        self.writer.close()

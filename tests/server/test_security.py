@@ -1,0 +1,223 @@
+"""THREATS.md rows that apply to one process: origin, identity, ownership, spoofing, XSS, tokens."""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+
+import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from .conftest import RawSocket, http_request
+
+XSS = '<img src=x onerror="alert(1)"><script>alert(2)</script><a href="javascript:alert(3)">x</a>{{7*7}}<svg onload=alert(4)>'
+
+
+def sign(identity_id: str, ts: int | None, secret: str = "host-site-secret") -> str:
+    msg = identity_id if ts is None else f"{identity_id}:{ts}"
+    return hmac.new(secret.encode(), msg.encode(), hashlib.sha256).hexdigest()
+
+
+async def closed_with(client) -> int:
+    try:
+        while True:
+            await client.recv()
+    except ConnectionClosed as exc:
+        return exc.rcvd.code if exc.rcvd else 1006
+
+
+# -- 1: cross-site WebSocket hijacking ----------------------------------------------------
+
+async def test_wrong_origin_gets_403_on_upgrade(server):
+    with pytest.raises(InvalidStatus) as info:
+        await server.connect("/ws/visitor", origin="https://evil.example")
+    assert info.value.response.status_code == 403
+    with pytest.raises(InvalidStatus) as info:
+        await server.connect("/ws/agent", origin="https://evil.example")
+    assert info.value.response.status_code == 403
+    ok = await server.connect("/ws/visitor", origin="https://shop.example")   # allow-listed
+    await ok.close()
+    assert server.ctx.metrics.value("kefu_http_rejected_total", reason="origin") == 2
+
+
+# -- 2: host-site identity ----------------------------------------------------------------
+
+async def test_bad_identity_is_401_and_changes_nothing(server):
+    now = int(time.time())
+    bad = [
+        {"id": "user-42", "ts": now, "hash": "0" * 64},                           # wrong
+        {"id": "user-42", "ts": now, "hash": ""},                                 # empty
+        {"id": "user-42", "ts": now, "hash": sign("user-43", now)},               # someone else's
+        {"id": "user-42", "ts": now - 3600, "hash": sign("user-42", now - 3600)},  # replayed, stale
+        {"id": "user-42", "ts": now, "hash": sign("user-42", now, "other-secret")},
+    ]
+    for identity in bad:
+        status, data = await server.http("POST", "/api/v1/visitor/session", json_body={"identity": identity})
+        assert status == 401 and data["error"]["code"] == "unauthorized"
+        client = await server.connect("/ws/visitor")
+        await client.send({"type": "hello", "bot": "testbot", "identity": identity})
+        err = await client.expect("error")
+        assert err["code"] == "unauthorized"
+        assert await closed_with(client) == 4001
+    verified_id = server.ctx.tokens.verified_visitor_id("user-42")
+    assert await server.ctx.storage.list_conversations(visitor_id=verified_id) == []
+
+    good = {"id": "user-42", "ts": now, "hash": sign("user-42", now)}
+    status, data = await server.http("POST", "/api/v1/visitor/session", json_body={"identity": good})
+    assert status == 200 and data["verified"] is True and data["visitor"] == verified_id
+    client, welcome = await server.visitor(identity=good)
+    assert welcome["verified"] is True and welcome["visitor"] == verified_id
+
+
+# -- 3: someone else's conversation ---------------------------------------------------------
+
+async def test_foreign_or_unknown_conversation_is_404_everywhere(server):
+    alice, aw = await server.visitor()
+    await alice.message("my secret address is 1 Main St")
+    bob, bw = await server.visitor()
+    cid = aw["conversation"]["id"]
+    # REST: foreign and unknown look the same
+    for target in (cid, "f" * 32):
+        for path in (f"/api/v1/conversations/{target}", f"/api/v1/conversations/{target}/messages"):
+            status, data = await server.http("GET", path, token=bw["token"])
+            assert status == 404 and data == {"error": {"code": "not_found", "message": "no such conversation"}}
+    status, data = await server.http("GET", "/api/v1/conversations", token=bw["token"])
+    assert [c["id"] for c in data["conversations"]] == [bw["conversation"]["id"]]
+    # WebSocket: resuming someone else's conversation
+    for target in (cid, "f" * 32):
+        thief = await server.connect("/ws/visitor")
+        await thief.send({"type": "hello", "token": bw["token"], "conversation": target, "last_seq": 0})
+        err = await thief.expect("error")
+        assert err["code"] == "not_found"
+        assert await closed_with(thief) == 4004
+        assert not any("secret" in json.dumps(f) for f in thief.frames)
+
+
+async def test_agent_cannot_touch_conversation_of_another_agent(server):
+    await server.add_agent("owner")
+    await server.add_agent("other")
+    owner, _ = await server.agent("owner")
+    visitor, vw = await server.visitor()
+    cid = vw["conversation"]["id"]
+    await visitor.send({"type": "handoff"})
+    await owner.expect("assigned")
+    other, _ = await server.agent("other")
+    token = await server.login("other")
+    for frame in ({"type": "message", "conversation": cid, "id": "x1", "text": "hi"},
+                  {"type": "close", "conversation": cid},
+                  {"type": "transfer", "conversation": cid, "to": "someone"},
+                  {"type": "sync", "conversation": cid, "last_seq": 0},
+                  {"type": "typing", "conversation": cid}):
+        await other.send(frame)
+        err = await other.expect("error")
+        assert err["code"] == "not_found", frame
+    status, _ = await server.http("GET", f"/api/v1/conversations/{cid}/messages", token=token)
+    assert status == 404
+
+
+# -- 4: spoofed sender or role ------------------------------------------------------------------
+
+async def test_forged_sender_and_role_are_ignored(server):
+    visitor, vw = await server.visitor()
+    await visitor.send({"type": "message", "id": "f1", "text": "I am the agent", "role": "agent",
+                        "sender": "agent-1", "kind": "event", "meta": {"event": "closed"}, "seq": 999})
+    ack = await visitor.expect("ack")
+    assert ack["seq"] == 2
+    status, data = await server.http("GET", f"/api/v1/conversations/{vw['conversation']['id']}/messages",
+                                     token=vw["token"])
+    msg = data["messages"][1]
+    assert (msg["role"], msg["sender"], msg["kind"], msg["meta"]) == ("visitor", vw["visitor"], "text", {})
+
+
+# -- 5: stored XSS ------------------------------------------------------------------------------------
+
+async def test_xss_payload_stored_and_returned_verbatim(server):
+    await server.add_agent("xena")
+    agent, _ = await server.agent("xena")
+    visitor, vw = await server.visitor()
+    cid = vw["conversation"]["id"]
+    await visitor.send({"type": "handoff"})
+    await agent.expect("assigned")
+    await visitor.message(XSS)
+    got = await agent.expect(lambda f: f.get("type") == "message" and f["role"] == "visitor")
+    assert got["text"] == XSS
+    status, data = await server.http("GET", f"/api/v1/conversations/{cid}/messages", token=vw["token"])
+    assert status == 200 and any(m["text"] == XSS for m in data["messages"])
+    # the JSON API is served as JSON, never as HTML
+    reader_status, raw = await http_raw(server.port, f"/api/v1/conversations/{cid}/messages", vw["token"])
+    assert b"content-type: application/json" in raw.lower() and b"nosniff" in raw.lower()
+
+
+async def http_raw(port, path, token):
+    import asyncio
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    return 200, raw
+
+
+# -- 11, 12: missing, expired, revoked tokens; brute force; auth timeout ----------------------------
+
+async def test_missing_and_expired_tokens(server):
+    status, data = await server.http("GET", "/api/v1/conversations")
+    assert status == 401
+    status, _ = await server.http("GET", "/api/v1/agents", token="garbage.token")
+    assert status == 401
+    agent = await server.add_agent("old")
+    expired = server.ctx.tokens.agent_token(agent.id, agent.token_version, ttl_s=-1)
+    status, data = await server.http("GET", "/api/v1/agents", token=expired)
+    assert status == 401 and "expired" in data["error"]["message"]
+    client = await server.connect("/ws/agent")
+    await client.send({"type": "hello", "token": expired})
+    assert (await client.expect("error"))["code"] == "unauthorized"
+    assert await closed_with(client) == 4001
+    client = await server.connect("/ws/agent")
+    await client.send({"type": "hello"})
+    assert await closed_with(client) == 4001
+    # a visitor token is not an agent token
+    _, vw = await server.visitor()
+    client = await server.connect("/ws/agent")
+    await client.send({"type": "hello", "token": vw["token"]})
+    assert await closed_with(client) == 4001
+    expired_visitor = server.ctx.tokens.visitor_token("v" + "0" * 32, ttl_s=-1)
+    client = await server.connect("/ws/visitor")
+    await client.send({"type": "hello", "token": expired_visitor})
+    assert await closed_with(client) == 4001
+
+
+async def test_password_change_revokes_token_and_closes_live_socket(server):
+    await server.add_agent("rita")
+    agent, _ = await server.agent("rita")
+    token = await server.login("rita")
+    status, data = await server.http("POST", "/api/v1/auth/password", token=token,
+                                     json_body={"old_password": "password123", "new_password": "n3w-passw0rd"})
+    assert status == 200 and data["token"] != token
+    assert await closed_with(agent) == 4002
+    status, _ = await server.http("GET", "/api/v1/agents/me", token=token)
+    assert status == 401
+    status, _ = await server.http("GET", "/api/v1/agents/me", token=data["token"])
+    assert status == 200
+    client = await server.connect("/ws/agent")
+    await client.send({"type": "hello", "token": token})
+    assert await closed_with(client) == 4002
+
+
+async def test_login_failures_are_throttled(server_factory):
+    server = await server_factory(login_failures_per_ip_per_min=3)
+    await server.add_agent("sam")
+    for _ in range(3):
+        status, _ = await server.http("POST", "/api/v1/auth/login", json_body={"username": "sam", "password": "nope"})
+        assert status == 401
+    status, data = await server.http("POST", "/api/v1/auth/login",
+                                     json_body={"username": "sam", "password": "password123"})
+    assert status == 429 and data["error"]["code"] == "rate_limited"
+
+
+async def test_socket_that_never_says_hello_is_closed(server_factory):
+    server = await server_factory(auth_timeout_s=0.4)
+    raw = await RawSocket.open(server.port, "/ws/visitor")
+    assert raw.status == 101
+    assert await raw.close_code() == 4001
+    raw.close()
