@@ -60,7 +60,7 @@ def read_banking(path: Path) -> Dataset:
 
 
 def score(model_dir: Path, data: Dataset, model_file: str = "model.onnx", threads: int = 2) -> dict:
-    clf = OnnxIntentClassifier.load(model_dir, intra_op_threads=threads, model_file=model_file)
+    clf = OnnxIntentClassifier.load(model_dir, threads=threads, model_file=model_file)
     try:
         probs, oos = clf.scores(list(data.texts))
         return compute_metrics(clf.labels, data.labels, probs, oos, clf.threshold)
@@ -69,7 +69,7 @@ def score(model_dir: Path, data: Dataset, model_file: str = "model.onnx", thread
 
 
 def speed(model_dir: Path, texts: list[str], n_single: int = 1000) -> dict:
-    one = OnnxIntentClassifier.load(model_dir, intra_op_threads=1)
+    one = OnnxIntentClassifier.load(model_dir, threads=1)
     sample = texts[:n_single]
     for t in sample[:50]:
         one.predict_batch([t])
@@ -79,7 +79,7 @@ def speed(model_dir: Path, texts: list[str], n_single: int = 1000) -> dict:
         one.predict_batch([t])
         lat.append((time.perf_counter() - t0) * 1000)
     one.close()
-    two = OnnxIntentClassifier.load(model_dir, intra_op_threads=2)
+    two = OnnxIntentClassifier.load(model_dir, threads=2)
     two.predict_batch(texts[:256])
     runs = []
     for _ in range(3):

@@ -97,11 +97,11 @@ class OnnxIntentClassifier(IntentClassifier):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, path: str | os.PathLike[str], *, intra_op_threads: int = 1, max_batch: int = 32,
+    def load(cls, path: str | os.PathLike[str], *, threads: int = 1, max_batch: int = 32,
              max_wait_ms: float = 2.0, model_file: str = MODEL_FILE) -> "OnnxIntentClassifier":
         """Open a model folder, validating every file; raises ModelError naming the bad file.
 
-        ``intra_op_threads``: ONNX Runtime threads per inference (1 suits a server that runs
+        ``threads``: ONNX Runtime threads per inference (1 suits a server that runs
         several workers; raise it for one big batch job).
         """
         import onnxruntime as ort
@@ -124,7 +124,7 @@ class OnnxIntentClassifier(IntentClassifier):
         tokenizer.enable_truncation(int(meta.get("max_length", 64)))
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = max(1, int(intra_op_threads))
+        opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -149,7 +149,7 @@ def write_report(out_dir: str | Path, data: Dataset, labels: Sequence[str], metr
 def evaluate_folder(model_dir: str | Path, data: Dataset, report_dir: str | Path | None = None, *,
                     threads: int = 2, model_file: str = "model.onnx") -> dict[str, Any]:
     """Load ``model_dir``, score ``data``, optionally write a report; returns the metrics."""
-    clf = OnnxIntentClassifier.load(model_dir, intra_op_threads=threads, model_file=model_file)
+    clf = OnnxIntentClassifier.load(model_dir, threads=threads, model_file=model_file)
     try:
         metrics, probs, score = evaluate(clf, data)
     finally:

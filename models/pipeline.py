@@ -71,7 +71,7 @@ def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None =
     _write_json(out / LABELS_FILE, meta)
 
     # Bank and calibration use the int8 model's own outputs: the scores serving will see.
-    clf = OnnxIntentClassifier.load(out, intra_op_threads=config.threads or 2)
+    clf = OnnxIntentClassifier.load(out, threads=config.threads or 2)
     try:
         _, train_emb = clf.encode(list(train.texts))
         bank, counts = build_bank(train_emb, train.labels, labels, bank_max_per_label, config.seed)
@@ -98,7 +98,7 @@ def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None =
     if report.exists():
         shutil.rmtree(report)
     if len(val):
-        clf = OnnxIntentClassifier.load(out, intra_op_threads=config.threads or 2)
+        clf = OnnxIntentClassifier.load(out, threads=config.threads or 2)
         try:
             metrics, probs, score = evaluate(clf, val)
         finally:

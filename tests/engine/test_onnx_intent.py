@@ -151,7 +151,7 @@ def test_padding_is_off_and_texts_truncate_at_max_length(clf):
 
 
 def test_intra_op_thread_count_is_configurable(folder):
-    c = OnnxIntentClassifier.load(folder, intra_op_threads=2)
+    c = OnnxIntentClassifier.load(folder, threads=2)
     assert c._session.get_session_options().intra_op_num_threads == 2
 
 
