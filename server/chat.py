@@ -142,6 +142,8 @@ class Chat:
 
     def _closed_by_server(self, conn: Connection, code: int) -> None:
         self.metrics.inc("kefu_connections_closed_total", code=str(code))
+        self.wheel.cancel(conn)
+        self.registry.remove(conn)   # no more fan-out to it; the handler finishes the rest
 
     async def on_frame(self, conn: Connection, data: str | bytes, handlers: dict[str, Handler]) -> None:
         frame: dict[str, Any] | None = None

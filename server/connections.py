@@ -157,6 +157,11 @@ class Connection:
         self.writer.cancel()
         try:
             self.ws.fail_connection(code, reason)
+            if code == protocol.CLOSE_SLOW:
+                # it is not reading: drop the buffered bytes now rather than after a close timeout
+                transport = getattr(getattr(self.ws, "io_proto", None), "transport", None)
+                if transport is not None:
+                    transport.abort()
         except Exception:  # the transport may be gone already
             log.debug("fail_connection on %r", self, exc_info=True)
         self._on_close(self, code)
