@@ -9,8 +9,9 @@ Concurrency model
 * ``append`` goes through a :class:`~.group_commit.GroupCommitter`: one writer task writes
   many messages per transaction (see :meth:`SqlStorage._write_batch`).
 * Every other write (conversations, transitions, agents) runs in its own short transaction
-  on the write engine; it does not queue behind the message writer (the database's own
-  locking orders it).
+  on the write engine; it does not queue behind the message writer's queue: on
+  PostgreSQL/MySQL row locks order it, on SQLite it waits at most for the batch being
+  written (in-process writes take turns on a fair lock, see ``_serial_writes``).
 * Reads use a separate read engine (on SQLite: separate connections in WAL mode, so a
   reader never waits for a writer; on PostgreSQL/MySQL the same pool, READ COMMITTED).
 * Seq allocation: the batch locks the conversation rows it appends to (``SELECT ... FOR
@@ -23,6 +24,8 @@ Concurrency model
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -174,6 +177,22 @@ class SqlStorage(Storage):
             self._write_batch, max_batch=batch_max, window=batch_window)
         self.applied_migrations: list[int] = []
         self._closed = False
+        # SQLite has one write lock per database, and its busy handler polls with sleeps
+        # (up to 100 ms): writers of one process competing through it would add latency and
+        # could starve a transition behind a stream of batches.  So in-process writes take
+        # turns on a fair asyncio.Lock and reach SQLite one at a time; busy_timeout is left
+        # for other processes.  (PostgreSQL and MySQL lock rows, so writes run in parallel.)
+        self._serial_writes = asyncio.Lock() if self.dialect == "sqlite" else None
+
+    @contextlib.asynccontextmanager
+    async def _write(self):
+        """A write transaction (committed on leaving the block)."""
+        if self._serial_writes is None:
+            async with self.write_engine.begin() as conn:
+                yield conn
+        else:
+            async with self._serial_writes, self.write_engine.begin() as conn:
+                yield conn
 
     @property
     def stats(self):
@@ -265,7 +284,7 @@ class SqlStorage(Storage):
         conv = Conversation(id=secrets.token_hex(16), visitor_id=visitor_id, bot=bot,
                             state=state, agent_id=None, created_at=now, updated_at=now,
                             last_seq=0, meta=dict(meta or {}))
-        async with self.write_engine.begin() as conn:
+        async with self._write() as conn:
             await conn.execute(sa.insert(_C).values(
                 id=conv.id, visitor_id=visitor_id, bot=bot, state=state, agent_id=None,
                 created_at=now, updated_at=now, last_seq=0, meta=_json(meta)))
@@ -313,7 +332,7 @@ class SqlStorage(Storage):
             stmt = stmt.where(_C.c.agent_id.is_(None) if from_agent is None
                               else _C.c.agent_id == from_agent)
         stmt = stmt.values(state=to_state, agent_id=agent_id, updated_at=time.time())
-        async with self.write_engine.begin() as conn:
+        async with self._write() as conn:
             if (await conn.execute(stmt)).rowcount != 1:
                 return None
             row = (await conn.execute(sa.select(_C).where(_C.c.id == conversation_id))).first()
@@ -340,7 +359,7 @@ class SqlStorage(Storage):
         results: list[Any] = [None] * len(items)
         now = time.time()
         conv_ids = sorted({it.conversation_id for it in items})
-        async with self.write_engine.begin() as conn:
+        async with self._write() as conn:
             # Lock the conversation rows, always in id order (no deadlock between writers).
             rows = await conn.execute(
                 sa.select(_C.c.id, _C.c.last_seq).where(_C.c.id.in_(conv_ids))
@@ -407,7 +426,7 @@ class SqlStorage(Storage):
                       display_name=display_name or username, password_hash=password_hash,
                       capacity=int(capacity), token_version=1, created_at=time.time(), team=team)
         try:
-            async with self.write_engine.begin() as conn:
+            async with self._write() as conn:
                 await conn.execute(sa.insert(_A).values(
                     id=agent.id, username=username, display_name=agent.display_name,
                     password_hash=password_hash, capacity=agent.capacity,
@@ -443,7 +462,7 @@ class SqlStorage(Storage):
             values["capacity"] = int(capacity)
         if display_name is not None:
             values["display_name"] = display_name
-        async with self.write_engine.begin() as conn:
+        async with self._write() as conn:
             if values:
                 res = await conn.execute(sa.update(_A).where(_A.c.id == agent_id).values(**values))
                 if res.rowcount != 1:

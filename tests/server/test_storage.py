@@ -159,6 +159,35 @@ async def test_transition_is_compare_and_set_20_concurrent_assigners_one_wins(st
     assert await storage.transition("0" * 32, to_state=HUMAN, agent_id="a" * 32) is None
 
 
+async def test_other_writes_not_starved_by_a_stream_of_appends(target):
+    s = await target.open(busy_timeout=0.5)
+    try:
+        chat = await s.create_conversation("v", "shop")
+        stop = asyncio.Event()
+
+        async def appender(w):
+            n = 0
+            while not stop.is_set():
+                await s.append(chat.id, role="visitor", sender_id="v", text=f"{w}-{n}")
+                n += 1
+            return n
+
+        tasks = [asyncio.ensure_future(appender(w)) for w in range(30)]
+        try:
+            for i in range(15):
+                conv = await s.create_conversation(f"v{i}", "shop", state=QUEUED)
+                assert await s.transition(conv.id, to_state=HUMAN, agent_id=f"{i:032x}",
+                                          from_states=[QUEUED]) is not None
+                await s.update_agent("0" * 32, capacity=3)
+        finally:
+            stop.set()
+            sent = sum(await asyncio.gather(*tasks))
+        assert sent > 0
+        assert [m.seq for m in await all_messages(s, chat.id)] == list(range(1, sent + 1))
+    finally:
+        await s.close()
+
+
 async def test_messages_paging_by_seq_with_capped_limit(storage):
     conv = await storage.create_conversation("v", "shop")
     n = MAX_PAGE + 20
