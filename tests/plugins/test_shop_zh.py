@@ -203,7 +203,8 @@ def test_greeting_is_configured_in_chinese(eng):
 # -- handoff -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text", ["转人工", "帮我转人工客服！", "机器人答非所问，我要找真人", "我不要机器人 给我人工服务"])
+@pytest.mark.parametrize("text", ["转人工", "帮我转人工客服！", "机器人答非所问，我要找真人", "我不要机器人 给我人工服务"],
+                         ids=["bare", "polite", "complaint", "refuses-bot"])
 def test_asking_for_a_person_hands_off(eng, text):
     turn = eng.ask(BOT, text, session=f"h-{text}")
     assert turn.handoff is not None and turn.handoff.reason == "asked"
