@@ -74,7 +74,7 @@ def _storage_errors(what: str):
                 return await fn(*args, **kwargs)
             except StorageError:
                 raise
-            except (sa.exc.SQLAlchemyError, OSError, TimeoutError, ConnectionError) as exc:
+            except (sa.exc.SQLAlchemyError, OSError, TimeoutError, UnicodeError) as exc:
                 raise StorageError(f"{what} failed: {exc}") from exc
         return wrapper
     return deco

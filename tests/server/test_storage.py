@@ -411,6 +411,71 @@ async def test_held_lock_fails_send_visibly_reads_work_and_it_recovers(target):
     await s.close()
 
 
+async def _wait_for(condition, what: str, timeout: float = 20.0):
+    """Poll an outside condition (the database's view of our sessions) until it holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not (result := await condition()):
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+    return result
+
+
+async def test_lost_connection_mid_transaction_is_a_storage_error_then_recovers(target):
+    if target.backend == "sqlite":
+        pytest.skip("SQLite has no server connection to lose")
+    s = await target.open(busy_timeout=30)
+    conv = await s.create_conversation("v", "shop")
+    await s.append(conv.id, role="visitor", sender_id="v", text="one")
+    if target.backend == "postgresql":
+        holder = await pg_admin(target)
+        tr = holder.transaction()
+        await tr.start()
+        await holder.execute("SELECT 1 FROM kefu_conversations WHERE id = $1 FOR UPDATE", conv.id)
+
+        async def blocked():
+            return await holder.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()")
+
+        async def kill(rows):
+            for r in rows:
+                await holder.fetchval("SELECT pg_terminate_backend($1)", r["pid"])
+        release = holder.close
+    else:
+        holder = await my_admin(target.url.rsplit("/", 1)[1])
+        async with holder.cursor() as cur:
+            await cur.execute("BEGIN")
+            await cur.execute("SELECT 1 FROM kefu_conversations WHERE id = %s FOR UPDATE", (conv.id,))
+
+        async def blocked():
+            async with holder.cursor() as cur:
+                await cur.execute("SELECT trx_mysql_thread_id FROM information_schema.innodb_trx "
+                                  "WHERE trx_state = 'LOCK WAIT'")
+                return await cur.fetchall()
+
+        async def kill(rows):
+            async with holder.cursor() as cur:
+                for (thread_id,) in rows:
+                    await cur.execute(f"KILL {int(thread_id)}")
+
+        async def release():
+            holder.close()
+    try:
+        send = asyncio.ensure_future(s.append(conv.id, role="visitor", sender_id="v", text="cut",
+                                              client_id="cut"))
+        await kill(await _wait_for(blocked, "the writer to wait on the row lock"))
+        with pytest.raises(StorageError) as err:
+            await send                      # the connection died mid-transaction: not acked
+        assert err.value.__cause__ is not None
+    finally:
+        await release()
+    # the pool replaces the dead connection: sending works again, the lost one was not stored
+    m, new = await s.append(conv.id, role="visitor", sender_id="v", text="cut", client_id="cut")
+    assert (m.seq, new) == (2, True)
+    assert [x.text for x in await s.messages(conv.id)] == ["one", "cut"]
+    await s.close()
+
+
 def test_storage_error_when_disk_full_then_recovers(tmp_path):
     """SQLite on a full disk (RLIMIT_FSIZE in a child process: works as root too)."""
     path = tmp_path / "kefu.sqlite3"
