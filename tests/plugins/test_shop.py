@@ -269,6 +269,15 @@ def test_order_with_unknown_status_is_reported_with_its_position(tmp_path):
         OrderBook(bad).get("KF-10001")
 
 
+def test_broken_order_file_is_logged_and_the_visitor_gets_a_fallback(eng, tmp_path, monkeypatch, caplog):
+    broken = tmp_path / "orders.json"
+    broken.write_text("{not json", encoding="utf-8")
+    monkeypatch.setattr(shop, "ORDER_BOOK", OrderBook(broken))
+    turn = eng.ask("shop", "where is KF-10023", session="broken-file")
+    assert turn.source == "fallback"
+    assert "orders.json:1: not valid JSON" in caplog.text
+
+
 def test_missing_order_file_is_a_clear_error(tmp_path):
     with pytest.raises(OrderFileError, match="cannot read the order file"):
         OrderBook(tmp_path / "nope.json").get("KF-10001")
