@@ -27,8 +27,6 @@
     var ts = frag.get("visitor_ts");
     if (ts && /^\d+(\.\d+)?$/.test(ts)) IDENTITY.ts = Number(ts);
     else if (ts) IDENTITY.ts = ts;
-    if (frag.get("visitor_name")) IDENTITY.name = frag.get("visitor_name");
-    if (frag.get("visitor_email")) IDENTITY.email = frag.get("visitor_email");
   }
   // Keep the identity out of the address bar and history once read.
   if (location.hash && history.replaceState) {
@@ -39,6 +37,7 @@
   var PING_EVERY_MS = 25000, DEAD_AFTER_MS = 60000;
   var TYPING_THROTTLE_MS = 3000, TYPING_IDLE_MS = 4000;
   var MAX_TEXT = 4000;
+  var ACK_TIMEOUT_MS = 5000;   // no ack this long: resend with the same id
 
   // ---------------------------------------------------------------- persistent state
   var storeKey = "kefu.visitor." + (BOT || "default") + (IDENTITY ? ".u." + IDENTITY.id : "");
@@ -393,17 +392,21 @@
     log.appendChild(node);
     visitorMeta(node);
     scrollDown(true);
-    if (state.connected) sendFrame({ type: "message", id: cid, text: text });
+    if (state.connected && sendFrame({ type: "message", id: cid, text: text })) node.setAttribute("data-sent", String(Date.now()));
     stopTyping();
   }
 
-  function resendPending() {
+  function resendPending(olderThan) {
+    var now = Date.now();
     state.pending.slice().forEach(function (cid) {
       var node = state.byClientId[cid];
       if (!node || node.classList.contains("msg-failed")) return;
-      sendFrame({ type: "message", id: cid, text: node.getAttribute("data-text") || "" });
+      if (olderThan && now - Number(node.getAttribute("data-sent") || 0) < olderThan) return;
+      if (sendFrame({ type: "message", id: cid, text: node.getAttribute("data-text") || "" }))
+        node.setAttribute("data-sent", String(now));
     });
   }
+  setInterval(function () { if (state.connected) resendPending(ACK_TIMEOUT_MS); }, 2000);
 
   function failNode(cid, why) {
     var node = state.byClientId[cid];
@@ -503,16 +506,17 @@
       humanBtn.disabled = true;
       if (ev.code === 4001) { state.token = null; save(); }                 // bad/expired token
       if (ev.code === 4004) { state.conversation = null; clearLog(); save(); } // conversation gone
-      scheduleReconnect(ev.code === 4029 ? 4 : 0);
+      scheduleReconnect(ev.code === 4029 ? 10000 : 0);
     };
     ws.onerror = function () { /* onclose follows */ };
   }
 
-  function scheduleReconnect(extraSteps) {
+  function scheduleReconnect(minDelay) {
     if (state.timer) return;
-    var step = state.attempt + (extraSteps || 0);
-    var cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * Math.pow(2, step));
-    var delay = cap / 2 + Math.random() * cap / 2;       // "equal jitter": spreads a reconnect storm
+    var cap = Math.min(BACKOFF_MAX_MS, BACKOFF_BASE_MS * Math.pow(2, state.attempt));
+    // 0.5 s doubling to 30 s, then "equal jitter" (50-100 % of that) spreads a reconnect storm;
+    // after a 4029 (flood) at least 10 s.
+    var delay = Math.max(minDelay || 0, cap / 2 + Math.random() * cap / 2);
     state.attempt++;
     setConn("off", navigator.onLine === false ? "You are offline. Waiting for the network\u2026"
       : "Connection lost. Reconnecting in " + Math.ceil(delay / 1000) + " s\u2026");

@@ -6,8 +6,7 @@
  *
  * Adds a floating button to the host page; clicking it opens the kefu chat page in an iframe,
  * so the chat runs on the kefu origin, isolated from the host page's CSS and JavaScript (and
- * the host page cannot read the conversation).  The button lives in a closed shadow root and
- * is styled through the CSSOM only, so host CSS does not leak in and a strict host CSP
+ * the host page cannot read the conversation).  The button lives in a shadow root and is styled through the CSSOM only, so host CSS does not leak in and a strict host CSP
  * (no 'unsafe-inline' styles or scripts) does not break it.
  *
  * Optional attributes:
@@ -16,8 +15,9 @@
  *   data-color="#1565c0"        button colour
  *   data-open="true"            open the chat on load
  *   A host-signed visitor identity, passed through untouched for the kefu server to verify
- *   (HMAC-SHA256 computed on the host's server, never in the browser):
- *   data-visitor-id, data-visitor-name, data-visitor-email, data-visitor-ts, data-visitor-hash
+ *   (docs/protocol.md, hello.identity; the HMAC-SHA256 is computed by the host's backend with
+ *   the shared identity_secret, never in the browser):
+ *   data-visitor-id="user-42" data-visitor-ts="1764160000" data-visitor-hash="<hex>"
  *   The identity travels in the iframe URL's #fragment, so it never reaches request logs or
  *   Referer headers.
  *
@@ -58,7 +58,7 @@
     q.set("bot", bot);
     q.set("embed", "1");
     var frag = new URLSearchParams();
-    ["id", "name", "email", "ts", "hash"].forEach(function (k) {
+    ["id", "ts", "hash"].forEach(function (k) {
       var v = attr("data-visitor-" + k, "");
       if (v) frag.set("visitor_" + k, v);
     });
@@ -67,16 +67,19 @@
     return base + "/static/chat.html?" + q.toString() + (f ? "#" + f : "");
   }
 
+  // Inline !important declarations: they win over anything the host's stylesheets say.
   function css(el, styles) {
-    for (var k in styles) if (Object.prototype.hasOwnProperty.call(styles, k)) el.style.setProperty(k, styles[k]);
+    for (var k in styles) if (Object.prototype.hasOwnProperty.call(styles, k)) el.style.setProperty(k, styles[k], "important");
     return el;
   }
 
-  var host = document.createElement("div");
+  // A custom element name, so the host's `div { ... }` rules do not match it.
+  var host = document.createElement("kefu-widget");
   host.setAttribute("data-kefu-widget", "");
-  css(host, { position: "fixed", "z-index": "2147483000", bottom: "0", width: "0", height: "0" });
-  host.style.setProperty(left ? "left" : "right", "0");
-  var root = host.attachShadow ? host.attachShadow({ mode: "closed" }) : host;
+  css(host, { all: "initial", display: "block", position: "fixed", "z-index": "2147483000", bottom: "0",
+              width: "0", height: "0", overflow: "visible" });
+  css(host, left ? { left: "0" } : { right: "0" });
+  var root = host.attachShadow ? host.attachShadow({ mode: "open" }) : host;
 
   var button = document.createElement("button");
   button.type = "button";
@@ -89,7 +92,7 @@
     cursor: "pointer", display: "flex", "align-items": "center", "justify-content": "center",
     "z-index": "2147483001"
   });
-  button.style.setProperty(left ? "left" : "right", "20px");
+  css(button, left ? { left: "20px" } : { right: "20px" });
   // The icon is built with DOM calls, not markup strings.
   var SVG = "http://www.w3.org/2000/svg";
   var icon = document.createElementNS(SVG, "svg");
@@ -120,7 +123,7 @@
     overflow: "hidden", "box-shadow": "0 8px 30px rgba(0,0,0,.3)", background: "#fff", display: "none",
     "z-index": "2147483001"
   });
-  panel.style.setProperty(left ? "left" : "right", "20px");
+  css(panel, left ? { left: "20px" } : { right: "20px" });
 
   var frame = null;
   var isOpen = false;
@@ -131,13 +134,13 @@
     if (small()) {
       css(panel, { bottom: "0", width: "100vw", height: "100%", "max-height": "100%", "max-width": "100vw",
                    "border-radius": "0" });
-      panel.style.setProperty(left ? "left" : "right", "0");
-      button.style.setProperty("display", isOpen ? "none" : "flex");
+      css(panel, left ? { left: "0" } : { right: "0" });
+      css(button, { display: isOpen ? "none" : "flex" });
     } else {
       css(panel, { bottom: "88px", width: "380px", height: "600px", "max-height": "calc(100vh - 108px)",
                    "max-width": "calc(100vw - 40px)", "border-radius": "12px" });
-      panel.style.setProperty(left ? "left" : "right", "20px");
-      button.style.setProperty("display", "flex");
+      css(panel, left ? { left: "20px" } : { right: "20px" });
+      css(button, { display: "flex" });
     }
   }
 
@@ -157,13 +160,13 @@
   function setUnread(n) {
     unread = n;
     badge.textContent = n > 99 ? "99+" : String(n);
-    badge.style.setProperty("display", n > 0 ? "block" : "none");
+    css(badge, { display: n > 0 ? "block" : "none" });
   }
 
   function open() {
     ensureFrame();
     isOpen = true;
-    panel.style.setProperty("display", "block");
+    css(panel, { display: "block" });
     path.setAttribute("d", CLOSE);
     button.setAttribute("aria-expanded", "true");
     setUnread(0);
@@ -172,7 +175,7 @@
   }
   function close() {
     isOpen = false;
-    panel.style.setProperty("display", "none");
+    css(panel, { display: "none" });
     path.setAttribute("d", CHAT);
     button.setAttribute("aria-expanded", "false");
     layout();

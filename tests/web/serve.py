@@ -1,6 +1,6 @@
 """Run a real kefu server for the browser tests: ``python -m tests.web.serve DATA_DIR PORT``.
 
-Engine delays and models off, the shop bot, and two agents (alice, bob; password
+Engine delays and models off, the shop bot, and four agents (alice, bob, carol, dave; password
 "password123") created in the data dir before the server starts.  Run as a subprocess, so
 Playwright's synchronous API and Sanic's event loop stay in separate processes; a test can
 kill it and start it again on the same data dir and port (a real dropped connection).
@@ -29,12 +29,15 @@ def main() -> None:
                              "bots": ["shop"]})
     config["server"].update({"data_dir": data_dir, "secret_key": "browser-test-secret-0123456789",
                              "host": "127.0.0.1", "port": port, "rate_per_s": 50.0, "rate_burst": 100,
-                             "new_conversations_per_ip_per_min": 1000, "grace_s": 5.0})
+                             "new_conversations_per_ip_per_min": 1000, "grace_s": 5.0,
+                             # its own pages, and the test's shop page that embeds the widget
+                             "origins": [f"http://127.0.0.1:{port}"] + [
+                                 o for o in os.environ.get("KEFU_WEB_HOST_ORIGINS", "").split() if o]})
 
     async def seed() -> None:
         storage = await open_storage(database_url(server_settings(config)))
         try:
-            for name, display in (("alice", "Alice"), ("bob", "Bob")):
+            for name, display in (("alice", "Alice"), ("bob", "Bob"), ("carol", "Carol"), ("dave", "Dave")):
                 if await storage.get_agent(username=name) is None:
                     await storage.add_agent(name, hash_password("password123"), display_name=display, capacity=5)
         finally:
