@@ -132,7 +132,8 @@ class Chat:
 
     async def unregister(self, conn: Connection) -> None:
         self.wheel.cancel(conn)
-        self.registry.remove(conn)
+        for cid in self.registry.remove(conn):
+            self._maybe_forget(cid)
         await conn.finish()
         if conn.agent_id:
             try:
@@ -143,7 +144,8 @@ class Chat:
     def _closed_by_server(self, conn: Connection, code: int) -> None:
         self.metrics.inc("kefu_connections_closed_total", code=str(code))
         self.wheel.cancel(conn)
-        self.registry.remove(conn)   # no more fan-out to it; the handler finishes the rest
+        for cid in self.registry.remove(conn):   # no more fan-out to it; the handler finishes the rest
+            self._maybe_forget(cid)
 
     async def on_frame(self, conn: Connection, data: str | bytes, handlers: dict[str, Handler]) -> None:
         frame: dict[str, Any] | None = None

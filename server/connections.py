@@ -230,9 +230,10 @@ class Registry:
         if conn.agent_id:
             self.by_agent[conn.agent_id].add(conn)
 
-    def remove(self, conn: Connection) -> None:
+    def remove(self, conn: Connection) -> list[str]:
+        """Forget the connection; returns the conversations it was subscribed to."""
         if conn not in self.connections:
-            return
+            return []
         self.connections.discard(conn)
         left = self.by_ip.get(conn.ip, 1) - 1
         if left > 0:
@@ -244,9 +245,11 @@ class Registry:
                 index[key].discard(conn)
                 if not index[key]:
                     del index[key]
-        for cid in conn.conversations:
+        cids = list(conn.conversations)
+        for cid in cids:
             self._drop(cid, conn)
         conn.conversations.clear()
+        return cids
 
     def subscribe(self, conn: Connection, conversation_id: str) -> None:
         conn.conversations.add(conversation_id)

@@ -213,3 +213,28 @@ async def test_sigkill_mid_burst_every_acked_message_once_seqs_contiguous(tmp_pa
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+async def test_storage_failure_means_no_ack_and_a_visible_error(server):
+    from server.storage import StorageError
+
+    client, welcome = await server.visitor()
+    storage = server.ctx.storage
+    real_append = storage.append
+
+    async def failing_append(*args, **kwargs):
+        raise StorageError("disk full")
+
+    storage.append = failing_append
+    try:
+        err = await client.message("will this be kept?", cid="keep-1")
+        assert err["type"] == "error" and err["code"] == "storage_unavailable" and err["id"] == "keep-1"
+        assert not any(f.get("type") == "ack" and f.get("id") == "keep-1" for f in client.frames)
+        # reads still work
+        status, _ = await server.http("GET", f"/api/v1/conversations/{welcome['conversation']['id']}",
+                                      token=welcome["token"])
+        assert status == 200
+    finally:
+        storage.append = real_append
+    ack = await client.message("will this be kept?", cid="keep-1")   # recovery: the retry is stored once
+    assert ack["type"] == "ack" and ack["duplicate"] is False
