@@ -15,13 +15,13 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pygtrie
 from rapidfuzz import fuzz, process
 
 from .errors import KnowledgeError, Problem
-from .normalize import has_cjk, normalize, replace_phrases
+from .normalize import has_cjk, is_latin_word_char, normalize, replace_phrases
 from .yaml_lines import Lines, load_yaml_with_lines
 
 LANGUAGES = ("en", "zh")
@@ -115,9 +115,9 @@ class Knowledge:
         return list(self.intents.keys())
 
     def examples(self) -> list[tuple[str, str]]:
-        """(text, intent) pairs: intents' examples plus FAQ questions of intents that exist."""
-        pairs = [(ex, it.name) for it in self.intents.values() for ex in it.examples]
-        return pairs
+        """(text, intent) pairs of every intent's examples: the classifier's training data.
+        FAQ questions are not included; they are matched exactly and fuzzily instead."""
+        return [(ex, it.name) for it in self.intents.values() for ex in it.examples]
 
     def faq_exact(self, prepared: str) -> FaqEntry | None:
         index = self.questions.get(prepared)
@@ -132,16 +132,16 @@ class Knowledge:
         if not self.keywords or not prepared:
             return None
         best: tuple[str, str] | None = None
-        starts: Iterable[int]
-        starts = range(len(prepared)) if self.cjk or has_cjk(prepared) else (
-            [0] + [i + 1 for i, ch in enumerate(prepared) if ch == " "]
-        )
-        for i in starts:
-            rest = prepared[i:]
-            for key, intent in self.keywords.prefixes(rest):
-                end = i + len(key)
-                boundary_ok = has_cjk(key) or end == len(prepared) or prepared[end] == " "
-                if boundary_ok and (best is None or len(key) > len(best[0])):
+        for i in range(len(prepared)):
+            # A Latin keyword must not start inside a Latin word ("ems" in "systems");
+            # a CJK character or a space next to it is a boundary ("能发ems吗").
+            latin_inside = i > 0 and is_latin_word_char(prepared[i - 1])
+            for key, intent in self.keywords.prefixes(prepared[i:]):
+                if not has_cjk(key):
+                    end = i + len(key)
+                    if latin_inside or (end < len(prepared) and is_latin_word_char(prepared[end])):
+                        continue
+                if best is None or len(key) > len(best[0]):
                     best = (key, intent)
         return best
 

@@ -42,7 +42,14 @@ class KnowledgeClassifier(IntentClassifier):
                                      token_pattern=r"(?u)\b\w+\b")
         char_range = (1, 3) if cjk else (2, 5)
         self._char = TfidfVectorizer(analyzer="char_wb", ngram_range=char_range, sublinear_tf=True)
-        x = hstack([self._word.fit_transform(texts), self._char.fit_transform(texts)]).tocsr()
+        x_word = self._word.fit_transform(texts)
+        x = hstack([x_word, self._char.fit_transform(texts)]).tocsr()
+        # Columns of character n-grams of two or more characters.  In Chinese one known
+        # character ("票" in "股票能涨吗") says little; a known bigram is real evidence.
+        offset = x_word.shape[1]
+        self._multi_char_cols = np.array(
+            [offset + j for j, gram in enumerate(self._char.get_feature_names_out()) if len(gram.strip()) >= 2],
+            dtype=np.int64)
         self._model = LogisticRegression(C=c, max_iter=2000, tol=1e-3)
         # One BLAS thread: these matrices are tiny, and a BLAS thread pool fighting the
         # server (or another fit) for two cores made fitting ten times slower.
@@ -59,10 +66,10 @@ class KnowledgeClassifier(IntentClassifier):
         probs = self._model.predict_proba(x)
         out = []
         for i, (row, text) in enumerate(zip(probs, texts)):
-            # No known word (in Latin text) or no known character n-gram at all: the
-            # classifier has nothing to go on, and character n-grams alone would still
-            # produce a confident-looking guess for gibberish.
-            known = x[i].nnz if self._cjk else words[i].nnz
+            # No known word (in Latin text) or no known multi-character n-gram (in
+            # Chinese): the classifier has nothing to go on, and single characters or
+            # n-grams alone would still produce a confident-looking guess for gibberish.
+            known = x[i][:, self._multi_char_cols].nnz if self._cjk else words[i].nnz
             if not text.strip() or known == 0:
                 out.append(Classification((), in_scope=False, source=self.source))
                 continue

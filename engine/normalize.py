@@ -12,7 +12,12 @@ import unicodedata
 # or symbol category (Chinese punctuation included, after NFKC folds full-width forms).
 _DROP_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Pc", "Pd", "Ps", "Pe", "Pi", "Pf", "Po", "Sm", "Sc", "Sk", "So"}
 _SPACES = re.compile(r"\s+")
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+_CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_CJK = re.compile(f"[{_CJK_RANGES}]")
+# Chinese and Japanese put no spaces between words, so a space between two such
+# characters (left where punctuation stood: "退款，什么时候" -> "退款 什么时候") is noise.
+_CJK_GAP = re.compile(f"(?<=[{_CJK_RANGES}]) (?=[{_CJK_RANGES}])")
+_LATIN_WORD_CHAR = re.compile(r"[0-9a-z\u00c0-\u024f]")
 
 #: Texts longer than this are cut before matching: nobody types a 100 KB question, and
 #: matching cost must not grow with what an attacker sends.
@@ -35,15 +40,17 @@ def normalize(text: str) -> str:
             out.append(" ")
         else:
             out.append(ch)
-    return _SPACES.sub(" ", "".join(out)).strip()[:MAX_MATCH_CHARS]
+    text = _SPACES.sub(" ", "".join(out)).strip()
+    return _CJK_GAP.sub("", text)[:MAX_MATCH_CHARS]
 
 
 def has_cjk(text: str) -> bool:
     return bool(_CJK.search(text))
 
 
-def words(text: str) -> list[str]:
-    return text.split()
+def is_latin_word_char(ch: str) -> bool:
+    """True for characters that continue a Latin-script word (letters, digits)."""
+    return bool(_LATIN_WORD_CHAR.match(ch))
 
 
 def replace_phrases(text: str, table: dict[str, str], cjk: bool) -> str:

@@ -180,3 +180,18 @@ async def test_the_watch_task_reloads_a_changed_file(tmp_path):
     await asyncio.wait_for(reloaded.wait(), 5)
     assert (await engine.handle("mini", "i want a refund")).answer == "Refunds take 1 day."
     await engine.close()
+
+
+def test_latin_keywords_need_latin_word_boundaries_but_chinese_neighbours_are_boundaries():
+    kn = parse_knowledge("bot: z\nlanguage: zh\nintents:\n  a:\n    answers: [x]\n"
+                         "    keywords: [ems, shipping fee]\n")
+    assert kn.keyword_hit(kn.prepare("能发EMS吗？")) == ("ems", "a")
+    assert kn.keyword_hit(kn.prepare("shipping fee多少")) == ("shipping fee", "a")
+    assert kn.keyword_hit(kn.prepare("systems")) is None
+    assert kn.keyword_hit(kn.prepare("emsx")) is None
+
+
+def test_punctuation_between_chinese_characters_leaves_no_space():
+    kn = parse_knowledge("bot: z\nlanguage: zh\nintents:\n  a:\n    answers: [x]\n")
+    assert kn.prepare("退款，什么时候到账？") == kn.prepare("退款什么时候到账") == "退款什么时候到账"
+    assert kn.prepare("app 登录 不了") == "app 登录不了"
