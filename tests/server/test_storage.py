@@ -420,9 +420,8 @@ async def _wait_for(condition, what: str, timeout: float = 20.0):
     return result
 
 
+@pytest.mark.parametrize("target", ["postgresql", "mysql"], indirect=True)  # SQLite: no connection
 async def test_lost_connection_mid_transaction_is_a_storage_error_then_recovers(target):
-    if target.backend == "sqlite":
-        pytest.skip("SQLite has no server connection to lose")
     s = await target.open(busy_timeout=30)
     conv = await s.create_conversation("v", "shop")
     await s.append(conv.id, role="visitor", sender_id="v", text="one")
