@@ -214,11 +214,12 @@ class SqlStorage(Storage):
             if not path or path == ":memory:" or u.query.get("mode") == "memory":
                 raise StorageError("an in-memory SQLite database cannot be shared between the "
                                    "writer and readers; give a file path")
-            parent = os.path.dirname(os.path.abspath(path))
-            try:
-                os.makedirs(parent, exist_ok=True)
-            except OSError as exc:
-                raise StorageError(f"cannot create the data directory {parent}: {exc}") from exc
+            if not path.startswith("file:"):          # (a "file:" URI is used as it is)
+                parent = os.path.dirname(os.path.abspath(path))
+                try:
+                    os.makedirs(parent, exist_ok=True)
+                except OSError as exc:
+                    raise StorageError(f"cannot create the data directory {parent}: {exc}") from exc
             kw = dict(synchronous=sqlite_synchronous.upper(), busy_timeout=busy_timeout, echo=echo)
             write = _sqlite_engine(u, writer=True, **kw)
             read = _sqlite_engine(u, writer=False, **kw)
