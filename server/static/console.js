@@ -243,7 +243,15 @@
       if (p.conversation === c.id) { p.node = pendingNode(c, p.text); transcript.appendChild(p.node); }
     });
     transcript.scrollTop = transcript.scrollHeight;
+    markSeen(c);
     if (c.mine) refreshAgents();
+  }
+
+  function markSeen(c) {
+    // The visitor's read receipts: "Read" on the agent's messages they have seen.
+    Array.prototype.forEach.call(transcript.querySelectorAll(".m-agent[data-seq]"), function (n) {
+      if (Number(n.getAttribute("data-seq")) <= c.visitorRead) n.classList.add("m-read");
+    });
   }
 
   function pendingNode(c, text) {
@@ -266,6 +274,7 @@
     if (stick || m.sender === (S.me && S.me.id)) transcript.scrollTop = transcript.scrollHeight;
     $("conv-state").textContent = c.state || "";
     replyForm.hidden = !c.mine || c.state !== "human";
+    markSeen(c);
   }
 
   function select(id) {
@@ -315,9 +324,12 @@
         if (S.me && a.id === S.me.id) return;
         var o = el("option", null, (a.display_name || a.username) + " (" + (a.presence || "offline") + ")");
         o.value = a.id;
+        if (a.presence !== "online") o.disabled = true;    // the server refuses those
         transferSel.appendChild(o);
       });
-      $("transfer").disabled = !transferSel.options.length;
+      var firstOk = Array.prototype.filter.call(transferSel.options, function (o) { return !o.disabled; })[0];
+      if (firstOk) transferSel.value = firstOk.value;
+      $("transfer").disabled = !firstOk;
     }).catch(function () { /* keep the old list */ });
   }
 
@@ -464,7 +476,7 @@
         (f.conversations || []).forEach(function (d) { ids[d.id] = 1; c = conv(d.id); updateConv(c, d); setMine(d.id, true); });
         S.mineOrder.slice().forEach(function (id) { if (!ids[id]) setMine(id, false); });
         S.queue = Array.isArray(f.queue) ? f.queue.filter(function (x) { return typeof x === "string"; }) : [];
-        S.queue.forEach(function (id) { if (!conv(id).loaded) loadSummary(conv(id)); });
+        S.queue.forEach(function (id) { if (!conv(id).summaryLoaded) loadSummary(conv(id)); });
         renderLists();
         renderSelected();
         sendFrame({ type: "presence", status: presenceSel.value });
@@ -542,7 +554,10 @@
         }
         return;
       case "read":
-        if (typeof f.conversation === "string" && typeof f.seq === "number") conv(f.conversation).visitorRead = f.seq;
+        if (typeof f.conversation !== "string" || typeof f.seq !== "number" || f.role !== "visitor") return;
+        c = conv(f.conversation);
+        if (f.seq > c.visitorRead) c.visitorRead = f.seq;
+        if (S.selected === c.id) markSeen(c);
         return;
       case "presence":
         if (f.status === "online" || f.status === "away") presenceSel.value = f.status;
@@ -569,9 +584,14 @@
   }
 
   function loadSummary(c) {
+    // A queued conversation in the list: who, and what they said last (its recent messages).
     c.summaryLoaded = true;
     api("GET", "/conversations/" + encodeURIComponent(c.id)).then(function (d) {
       updateConv(c, d);
+      var after = Math.max(0, (d.last_seq || 0) - 20);
+      return api("GET", "/conversations/" + encodeURIComponent(c.id) + "/messages?limit=20&after=" + after);
+    }).then(function (d) {
+      (d.messages || []).forEach(function (m) { if (m.role === "visitor") c.preview = m.text; });
       renderLists();
     }).catch(function () { c.summaryLoaded = false; });
   }
@@ -581,6 +601,7 @@
 
   window.kefuConsole = {
     get connected() { return S.connected; },
+    get me() { return S.me; },
     dropConnection: function () { if (S.ws) S.ws.close(4000, "test"); }
   };
 })();

@@ -1,8 +1,8 @@
 """Run a real kefu server for the browser tests: ``python -m tests.web.serve DATA_DIR PORT``.
 
-Engine delays and models off, the shop bot, and four agents (alice, bob, carol, dave; password
-"password123") created in the data dir before the server starts.  Run as a subprocess, so
-Playwright's synchronous API and Sanic's event loop stay in separate processes; a test can
+Engine delays and models off, the shop bot, and the agents in AGENTS created in the data dir
+before the server starts.  Allowed origins: its own, and KEFU_WEB_HOST_ORIGINS (space-separated:
+the test's shop page that embeds the widget).  Run as a subprocess, so Playwright's synchronous API and Sanic's event loop stay in separate processes; a test can
 kill it and start it again on the same data dir and port (a real dropped connection).
 """
 from __future__ import annotations
@@ -10,6 +10,10 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+
+
+#: (username, capacity); every password is "password123".
+AGENTS = (("alice", 5), ("bob", 5), ("carol", 5), ("dave", 5), ("erin", 1), ("frank", 5))
 
 
 def main() -> None:
@@ -37,9 +41,10 @@ def main() -> None:
     async def seed() -> None:
         storage = await open_storage(database_url(server_settings(config)))
         try:
-            for name, display in (("alice", "Alice"), ("bob", "Bob"), ("carol", "Carol"), ("dave", "Dave")):
+            for name, capacity in AGENTS:
                 if await storage.get_agent(username=name) is None:
-                    await storage.add_agent(name, hash_password("password123"), display_name=display, capacity=5)
+                    await storage.add_agent(name, hash_password("password123"), display_name=name.title(),
+                                            capacity=capacity)
         finally:
             await storage.close()
 

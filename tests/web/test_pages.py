@@ -303,6 +303,9 @@ def test_visitor_asks_for_a_person_and_the_agent_sees_the_bot_transcript_and_rep
     visitor.press("#input", "Enter")
     expect(agent.locator("#transcript .m-visitor .b").last).to_have_text("the blue")
     expect(visitor.locator("#log .msg-visitor .meta").last).to_contain_text("Read")
+    expect(agent.locator("#transcript .m-agent.m-read")).to_have_count(1)      # the visitor read Bob's reply
+    agent.screenshot(path="/tmp/kefu-console.png")
+    visitor.screenshot(path="/tmp/kefu-chat-human.png")
 
 
 def test_page_reconnects_after_the_socket_drops_and_shows_no_duplicates(server, contexts, watch):
@@ -378,6 +381,57 @@ def test_page_works_on_a_375_by_667_phone_screen(server, contexts, watch):
         assert box["x"] >= 0 and box["x"] + box["width"] <= 375, box
 
 
+def test_agents_accept_from_the_queue_transfer_and_close(tmp_path, contexts, watch):
+    srv = KefuServer(tmp_path)                   # its own server: a known routing state
+    srv.start()
+    try:
+        erin = login_agent(contexts, watch, srv, "erin")       # capacity 1
+        frank = login_agent(contexts, watch, srv, "frank")
+        frank.select_option("#presence", "away")               # away: gets nothing by routing
+        v1 = open_visitor(contexts, watch, srv)
+        c1 = hand_off(v1, erin)
+        # erin is full, frank away: the second visitor waits in the queue
+        v2 = open_visitor(contexts, watch, srv)
+        send(v2, "my parcel is damaged")
+        expect(v2.locator("#log .msg-bot")).to_have_count(2)
+        c2 = v2.evaluate("window.kefuChat.conversation")
+        v2.click("#human-btn")
+        expect(v2.locator(".msg-system").last).to_contain_text("in the queue")
+        queued = frank.locator(f"#queue-list li[data-id='{c2}']")
+        expect(queued).to_contain_text("my parcel is damaged")
+        queued.click()
+        expect(frank.locator("#transcript .m-visitor .b")).to_have_text(["my parcel is damaged"])  # before accepting
+        frank.click("#accept")
+        expect(frank.locator(f"#mine-list li[data-id='{c2}']")).to_be_visible()
+        expect(frank.locator("#queue-list li")).to_have_count(0)
+        expect(v2.locator(".msg-system").last).to_contain_text("You are now chatting with Frank")
+
+        # erin hands her visitor to frank (online again)
+        frank.select_option("#presence", "online")
+        erin.locator(f"#mine-list li[data-id='{c1}']").click()
+        expect(erin.locator(f"#transfer-to option[value]")).not_to_have_count(0)
+        erin.locator("#transfer").scroll_into_view_if_needed()
+        frank_id = frank.evaluate("window.kefuConsole.me.id")
+        erin.select_option("#transfer-to", frank_id)
+        erin.click("#transfer")
+        expect(erin.locator(f"#mine-list li[data-id='{c1}']")).to_have_count(0)
+        expect(frank.locator(f"#mine-list li[data-id='{c1}']")).to_be_visible()
+        expect(v1.locator(".msg-system").last).to_contain_text("transferred to Frank")
+        frank.locator(f"#mine-list li[data-id='{c1}']").click()
+        expect(frank.locator("#transcript .m-bot .b").first).to_contain_text("Kingfisher")   # whole transcript
+
+        # frank closes the second conversation; the visitor's next message starts a new one
+        frank.locator(f"#mine-list li[data-id='{c2}']").click()
+        frank.click("#close-conv")
+        expect(frank.locator(f"#mine-list li[data-id='{c2}']")).to_have_count(0)
+        expect(v2.locator(".msg-system").last).to_contain_text("closed")
+        send(v2, "where is my order KF-10023")
+        expect(v2.locator("#log .msg-bot")).to_have_count(2)                 # fresh greeting + answer
+        assert v2.evaluate("window.kefuChat.conversation") != c2
+    finally:
+        srv.stop()
+
+
 def test_no_agent_online_shows_the_leave_a_message_form(tmp_path, contexts, watch):
     srv = KefuServer(tmp_path)                   # its own server: nobody has ever logged in
     srv.start()
@@ -415,6 +469,7 @@ def test_widget_opens_the_chat_in_an_iframe_on_a_host_page(server, shop, context
     frame.locator("#input").fill("what are your opening hours")
     frame.locator("#input").press("Enter")
     expect(frame.locator("#log .msg-bot")).to_have_count(2)
+    page.screenshot(path="/tmp/kefu-widget.png")
     # the chat runs on the kefu origin: the host page cannot reach into it
     assert page.evaluate("document.querySelector('[data-kefu-widget]').shadowRoot"
                          ".querySelector('iframe').contentDocument") is None
