@@ -9,7 +9,8 @@ Modes:
   group        the storage as shipped: one writer task, many appends per transaction;
   serial-1     the same writer with batch_max=1: one transaction per message, in turn;
   parallel-1   no writer queue: every append runs its own transaction on the pool at once
-               (what a naive server would do; on SQLite they contend for the one write lock).
+               (what a naive server would do; on SQLite they still take turns, on the
+               storage's in-process write lock, as SQLite has one write lock anyway).
 A PostgreSQL or MySQL server that is down is reported and left out.  Prints a table and
 writes bench/results/storage.json.
 """
