@@ -71,11 +71,18 @@
     readSent: 0,                    // highest seq we told the server we read
     peerRead: 0,                    // highest seq the agent read
     unread: 0,
-    visible: !EMBED,                // in the widget: whether the panel is open
+    visible: true,                  // in the widget: whether the panel is open (it is when created)
     typingSent: 0,
     typingIdle: null,
     typingHide: null,
-    leftMessage: false
+    leftMessage: false,
+    unavailableSeq: 0,              // seq of the last "nobody online" event
+    gapTimer: null,
+    syncedAt: -1,                   // contiguous seq we last asked a sync from
+    immediate: false,               // reconnect at once (not a failure)
+    features: {},                   // what the server's welcome advertises
+    suggestTimer: null,
+    suggestFor: ""
   };
 
   // ---------------------------------------------------------------- elements
@@ -212,9 +219,29 @@
       }
       showQuickReplies(msg.meta && msg.meta.suggestions);
     }
-    if (msg.role === "system" && msg.meta) applyEvent(msg.meta, false);
+    if (msg.role === "system" && msg.meta) {
+      if (msg.meta.event === "unavailable") state.unavailableSeq = msg.seq;
+      applyEvent(msg.meta, false);
+    }
+    if (msg.role === "visitor" && state.unavailableSeq && msg.seq > state.unavailableSeq) {
+      state.leftMessage = true;                          // they already wrote after the notice
+      hideLeaveForm();
+    }
+    checkGap();
     scrollDown(stick || msg.role === "visitor");
     maybeRead();
+  }
+
+  function checkGap() {
+    // Messages arrive in seq order; a hole that stays means something was lost: ask again once.
+    clearTimeout(state.gapTimer);
+    if (state.maxSeq <= state.contiguous) return;
+    state.gapTimer = setTimeout(function () {
+      if (state.connected && state.maxSeq > state.contiguous && state.syncedAt !== state.contiguous) {
+        state.syncedAt = state.contiguous;
+        sendFrame({ type: "sync", last_seq: state.contiguous });
+      }
+    }, 3000);
   }
 
   function ackNode(node, cid, seq, ts) {
@@ -229,6 +256,7 @@
     placeBySeq(node, seq);
     advance(seq);
     visitorMeta(node);
+    if (state.unavailableSeq && seq > state.unavailableSeq) state.leftMessage = true;
   }
 
   function clearLog() {
@@ -240,6 +268,10 @@
     state.maxSeq = 0;
     state.readSent = 0;
     state.peerRead = 0;
+    state.unavailableSeq = 0;
+    state.leftMessage = false;
+    state.syncedAt = -1;
+    hideLeaveForm();
   }
 
   function notice(text) {
@@ -439,7 +471,21 @@
     input.style.height = "auto";
     input.style.height = Math.min(input.scrollHeight + 2, 120) + "px";
   }
-  input.addEventListener("input", function () { autoGrow(); typingInput(); });
+  input.addEventListener("input", function () { autoGrow(); typingInput(); askSuggestions(); });
+
+  // Type-ahead: only when the server's welcome advertises it (features: ["suggest"]); the
+  // protocol has no such frame today, and an unknown frame type would count as an error.
+  function askSuggestions() {
+    if (!state.features.suggest || state.convState !== "bot") return;
+    clearTimeout(state.suggestTimer);
+    state.suggestTimer = setTimeout(function () {
+      var prefix = input.value.trim();
+      if (prefix === state.suggestFor) return;
+      state.suggestFor = prefix;
+      if (prefix.length < 2) { showQuickReplies([]); return; }
+      sendFrame({ type: "suggest", prefix: prefix.slice(0, 100) });
+    }, 250);
+  }
   input.addEventListener("blur", stopTyping);
 
   humanBtn.addEventListener("click", function () {
@@ -506,6 +552,7 @@
       humanBtn.disabled = true;
       if (ev.code === 4001) { state.token = null; save(); }                 // bad/expired token
       if (ev.code === 4004) { state.conversation = null; clearLog(); save(); } // conversation gone
+      if (state.immediate) { state.immediate = false; connect(); return; }
       scheduleReconnect(ev.code === 4029 ? 10000 : 0);
     };
     ws.onerror = function () { /* onclose follows */ };
@@ -524,7 +571,7 @@
   }
 
   function reconnectNow() {
-    if (state.ws) { try { state.ws.close(1000, "reconnect"); } catch (e) { /* closing */ } return; }
+    if (state.ws) { state.immediate = true; try { state.ws.close(1000, "reconnect"); } catch (e) { /* closing */ } return; }
     clearTimeout(state.timer);
     state.timer = null;
     connect();
@@ -564,7 +611,9 @@
         return;
       case "state": return applyEvent(f, true);
       case "resync": return onResync(f);
-      case "suggestions": return showQuickReplies(f.items || f.suggestions);
+      case "suggestions":
+        if (typeof f.prefix === "string" && f.prefix !== input.value.trim()) return;   // stale answer
+        return showQuickReplies(f.items || f.suggestions);
       case "error": return onError(f);
       case "pong": return;
       default: return;                                  // unknown frames are ignored (forward compatible)
@@ -591,6 +640,8 @@
     state.connected = true;
     state.attempt = 0;
     if (typeof f.agent_name === "string" && f.agent_name) state.agentName = f.agent_name;
+    state.features = {};
+    if (Array.isArray(f.features)) f.features.forEach(function (x) { if (typeof x === "string") state.features[x] = true; });
     save();
     setConn("on", "Connected");
     setConvState(conv.state || "bot");

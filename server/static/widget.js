@@ -154,6 +154,9 @@
     frame.setAttribute("sandbox", "allow-scripts allow-same-origin allow-forms allow-popups");
     frame.setAttribute("allow", "clipboard-write");
     css(frame, { border: "0", width: "100%", height: "100%", display: "block" });
+    frame.addEventListener("load", function () {
+      try { frame.contentWindow.postMessage({ kefu: "visible", visible: isOpen }, kefuOrigin); } catch (e) {}
+    });
     panel.appendChild(frame);
   }
 

@@ -360,6 +360,12 @@ def test_page_reconnects_after_the_socket_drops_and_shows_no_duplicates(server, 
     assert agent_seqs == list(range(1, len(agent_seqs) + 1)), agent_seqs
     assert agent.locator("#transcript .m-agent .b").all_text_contents().count("missed one") == 1
 
+    # 4. A reload resumes the same conversation (token and id in localStorage): same transcript.
+    visitor.reload()
+    visitor.wait_for_function("() => window.kefuChat && window.kefuChat.connected")
+    expect(visitor.locator("#log .bubble")).to_have_text(texts)
+    assert shown_seqs(visitor, "#log [data-seq]") == seqs
+
 
 def test_page_works_on_a_375_by_667_phone_screen(server, contexts, watch):
     page = open_visitor(contexts, watch, server, viewport={"width": 375, "height": 667}, is_mobile=True,
