@@ -78,7 +78,7 @@ class Chat:
         self.visitor_handlers: dict[str, Handler] = {
             "hello": self.visitor_hello, "message": self.visitor_message, "typing": self.typing,
             "read": self.read, "handoff": self.visitor_handoff, "close": self.visitor_close,
-            "sync": self.sync, "ping": self.ping,
+            "sync": self.sync, "ping": self.ping, "suggest": self.suggest,
         }
         self.agent_handlers: dict[str, Handler] = {
             "hello": self.agent_hello, "message": self.agent_message, "typing": self.typing,
@@ -156,7 +156,7 @@ class Chat:
                 return
             return self._frame_error(conn, exc.code, exc.message, None)
         ftype = frame["type"]
-        cost = 0.0 if ftype == "ping" else 0.25 if ftype == "typing" else 1.0
+        cost = 0.0 if ftype == "ping" else 0.25 if ftype in ("typing", "suggest") else 1.0
         if self._over_rate(conn, cost):
             return
         client_id = frame.get("id") if isinstance(frame.get("id"), str) else None
@@ -337,7 +337,8 @@ class Chat:
         self.wheel.schedule(conn, float(self.s["heartbeat_s"]))
         conn.send({"type": "welcome", "visitor": visitor_id, "verified": bool(verified),
                    "token": self.tokens.visitor_token(visitor_id, verified=verified),
-                   "conversation": c.summary(), "agent_name": self.agent_names.get(c.agent_id or "")})
+                   "conversation": c.summary(), "agent_name": self.agent_names.get(c.agent_id or ""),
+                   "features": ["suggest"]})
         if created:
             greeting = self.engine.greeting(c.bot)
             if greeting:
@@ -476,6 +477,14 @@ class Chat:
         last_seq = P.get_int(frame, "last_seq", required=False, default=0) or 0
         conn.seen[c.id] = min(conn.seen.get(c.id, 0), last_seq)
         await self.subscribe(conn, c, last_seq)
+
+    async def suggest(self, conn: Connection, frame: dict[str, Any]) -> None:
+        """Type-ahead: FAQ questions and examples starting like the visitor's text."""
+        c = self._visitor_conv(conn)
+        prefix = P.get_str(frame, "prefix", max_len=100) or ""
+        limit = P.get_int(frame, "limit", required=False, default=5, minimum=1, maximum=10) or 5
+        items = self.engine.suggest(c.bot, prefix, limit) if prefix.strip() else []
+        conn.send({"type": "suggestions", "conversation": c.id, "prefix": prefix, "items": list(items)})
 
     async def ping(self, conn: Connection, frame: dict[str, Any]) -> None:
         conn.send({"type": "pong"})

@@ -35,3 +35,13 @@ async def test_msgpack_subprotocol(server):
     reply = await ws.expect(lambda f: f.get("type") == "message" and f["seq"] == 3)
     assert reply["text"] == "Hi! testbot here."
     await ws.close()
+
+
+async def test_type_ahead_suggestions(server):
+    client, welcome = await server.visitor()
+    assert "suggest" in welcome["features"]
+    await client.send({"type": "suggest", "prefix": "what is the mean"})
+    got = await client.expect("suggestions")
+    assert got["prefix"] == "what is the mean" and got["items"] and got["items"][0].lower().startswith("what is the mean")
+    await client.send({"type": "suggest", "prefix": ""})
+    assert (await client.expect("suggestions"))["items"] == []
