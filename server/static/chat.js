@@ -550,8 +550,15 @@
       stopPings();
       hideTyping();
       humanBtn.disabled = true;
-      if (ev.code === 4001) { state.token = null; save(); }                 // bad/expired token
-      if (ev.code === 4004) { state.conversation = null; clearLog(); save(); } // conversation gone
+      if (ev.code === 4001) {
+        // A bad or expired token, or a host identity that failed its check (stale timestamp...):
+        // go on as an anonymous visitor (the server changed nothing).
+        if (state.token) state.token = null; else IDENTITY = null;
+        save();
+      }
+      // The conversation is gone (or not this visitor's): the next welcome starts a new one and
+      // clears the page, keeping what is waiting to be sent.
+      if (ev.code === 4004) { state.conversation = null; save(); }
       if (state.immediate) { state.immediate = false; connect(); return; }
       scheduleReconnect(ev.code === 4029 ? 10000 : 0);
     };
@@ -640,6 +647,7 @@
     state.connected = true;
     state.attempt = 0;
     if (typeof f.agent_name === "string" && f.agent_name) state.agentName = f.agent_name;
+    state.verified = f.verified === true;
     state.features = {};
     if (Array.isArray(f.features)) f.features.forEach(function (x) { if (typeof x === "string") state.features[x] = true; });
     save();
@@ -724,6 +732,7 @@
     get connected() { return state.connected; },
     get lastSeq() { return state.contiguous; },
     get conversation() { return state.conversation; },
+    get verified() { return state.verified; },
     dropConnection: function () { if (state.ws) state.ws.close(4000, "test"); }
   };
 })();

@@ -12,6 +12,8 @@ import os
 import sys
 
 
+#: Shared with the test's shop page, which signs its visitor's identity with it.
+IDENTITY_SECRET = "shop-identity-secret"
 #: (username, capacity); every password is "password123".
 AGENTS = (("alice", 5), ("bob", 5), ("carol", 5), ("dave", 5), ("erin", 1), ("frank", 5))
 
@@ -32,6 +34,7 @@ def main() -> None:
     config["engine"].update({"delays": False, "use_models": False, "watch_knowledge": False, "seed": 0,
                              "bots": ["shop"]})
     config["server"].update({"data_dir": data_dir, "secret_key": "browser-test-secret-0123456789",
+                             "identity_secret": IDENTITY_SECRET,
                              "host": "127.0.0.1", "port": port, "rate_per_s": 50.0, "rate_burst": 100,
                              "new_conversations_per_ip_per_min": 1000, "grace_s": 5.0,
                              # its own pages, and the test's shop page that embeds the widget

@@ -11,6 +11,8 @@ unless CI is set, where that is a failure.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import http.server
 import os
 import signal
@@ -23,6 +25,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from tests.web.serve import IDENTITY_SECRET
 
 CHROMIUM = os.environ.get("KEFU_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
@@ -111,9 +115,12 @@ def shop(server):
     """A shop's page on another origin (a real loopback server: Chromium's private-network rules
     refuse a page from a fake public origin loading from loopback) with a strict CSP of its own
     and hostile CSS; it embeds the widget with the one documented script line."""
+    ts = int(time.time())       # the shop's backend signs its logged-in user's id
+    digest = hmac.new(IDENTITY_SECRET.encode(), f"user-42:{ts}".encode(), hashlib.sha256).hexdigest()
     page = (f'<!doctype html><html><head><title>Shop</title><link rel="stylesheet" href="/host.css"></head>'
             f'<body><h1>Shop</h1><script src="{server.base}/static/widget.js" '
-            f'data-kefu-url="{server.base}" data-bot="shop" async></script></body></html>').encode()
+            f'data-kefu-url="{server.base}" data-bot="shop" data-visitor-id="user-42" '
+            f'data-visitor-ts="{ts}" data-visitor-hash="{digest}" async></script></body></html>').encode()
     css = b"button, iframe, div, kefu-widget { background: red !important; display: none !important; }"
     csp = (f"default-src 'self'; script-src {server.base}; style-src 'self'; frame-src {server.base}")
 
@@ -476,6 +483,9 @@ def test_widget_opens_the_chat_in_an_iframe_on_a_host_page(server, shop, context
     frame.locator("#input").press("Enter")
     expect(frame.locator("#log .msg-bot")).to_have_count(2)
     page.screenshot(path="/tmp/kefu-widget.png")
+    chat = next(f for f in page.frames if "/static/chat.html" in f.url)
+    assert chat.evaluate("window.kefuChat.verified") is True      # the signed identity passed through
+    assert "hash" not in chat.evaluate("location.href")           # and left the address bar
     # the chat runs on the kefu origin: the host page cannot reach into it
     assert page.evaluate("document.querySelector('[data-kefu-widget]').shadowRoot"
                          ".querySelector('iframe').contentDocument") is None
