@@ -165,3 +165,21 @@ async def test_sockets_per_ip_are_capped(server_factory):
         await asyncio.sleep(0.02)
     again = await server.connect("/ws/visitor")
     await again.close()
+
+
+async def test_protocol_garbage_bad_opcode_closes_1002(server):
+    raw = await RawSocket.open(server.port, "/ws/visitor")
+    await raw.send_frame(b"junk", opcode=3)      # reserved opcode
+    assert await raw.close_code() == 1002
+    raw.close()
+    other, _ = await server.visitor()
+    await still_alive(other)
+
+
+async def test_filters_are_allow_listed_against_injection(server):
+    _, vw = await server.visitor()
+    for query in ("state=%27%20OR%201%3D1--", "state=bot%25", "limit=-1", "limit=1;DROP", "before=abc"):
+        status, data = await server.http("GET", f"/api/v1/conversations?{query}", token=vw["token"])
+        assert status == 400, query
+    status, data = await server.http("GET", "/api/v1/conversations/%27%20OR%20%271%27%3D%271", token=vw["token"])
+    assert status == 404
