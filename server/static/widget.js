@@ -126,6 +126,7 @@
   css(panel, left ? { left: "20px" } : { right: "20px" });
 
   var frame = null;
+  var frameLoaded = false;
   var isOpen = false;
   var unread = 0;
 
@@ -155,9 +156,16 @@
     frame.setAttribute("allow", "clipboard-write");
     css(frame, { border: "0", width: "100%", height: "100%", display: "block" });
     frame.addEventListener("load", function () {
-      try { frame.contentWindow.postMessage({ kefu: "visible", visible: isOpen }, kefuOrigin); } catch (e) {}
+      frameLoaded = true;
+      tellFrame();
     });
     panel.appendChild(frame);
+  }
+
+  // Tell the chat page whether it is on screen (for read receipts and unread counts).
+  function tellFrame() {
+    if (!frame || !frameLoaded) return;
+    try { frame.contentWindow.postMessage({ kefu: "visible", visible: isOpen }, kefuOrigin); } catch (e) { /* gone */ }
   }
 
   function setUnread(n) {
@@ -174,7 +182,7 @@
     button.setAttribute("aria-expanded", "true");
     setUnread(0);
     layout();
-    try { frame.contentWindow.postMessage({ kefu: "visible", visible: true }, kefuOrigin); } catch (e) {}
+    tellFrame();
   }
   function close() {
     isOpen = false;
@@ -182,7 +190,7 @@
     path.setAttribute("d", CHAT);
     button.setAttribute("aria-expanded", "false");
     layout();
-    if (frame) try { frame.contentWindow.postMessage({ kefu: "visible", visible: false }, kefuOrigin); } catch (e) {}
+    tellFrame();
   }
   function toggle() { if (isOpen) close(); else open(); }
 
