@@ -441,21 +441,38 @@ async def test_lost_connection_mid_transaction_is_a_storage_error_then_recovers(
                 await holder.fetchval("SELECT pg_terminate_backend($1)", r["pid"])
         release = holder.close
     else:
+        # The writer's MySQL thread id, taken as it sends its locking SELECT (no
+        # information_schema: its snapshot can stall while another run's DDL commits).
+        writer_thread: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        def on_connect(dbapi_conn, record):
+            cur = dbapi_conn.cursor()
+            cur.execute("SELECT CONNECTION_ID()")
+            record.info["thread_id"] = cur.fetchone()[0]
+            cur.close()
+
+        def before_execute(conn, cursor, statement, *args):
+            if "FOR UPDATE" in statement and not writer_thread.done():
+                writer_thread.set_result(conn.info["thread_id"])
+
+        await s.write_engine.dispose()          # new connections, seen by on_connect
+        event.listen(s.write_engine.sync_engine, "connect", on_connect)
+        event.listen(s.write_engine.sync_engine, "before_cursor_execute", before_execute)
         holder = await my_admin(target.url.rsplit("/", 1)[1])
         async with holder.cursor() as cur:
             await cur.execute("BEGIN")
             await cur.execute("SELECT 1 FROM kefu_conversations WHERE id = %s FOR UPDATE", (conv.id,))
 
         async def blocked():
-            async with holder.cursor() as cur:
-                await cur.execute("SELECT trx_mysql_thread_id FROM information_schema.innodb_trx "
-                                  "WHERE trx_state = 'LOCK WAIT'")
-                return await cur.fetchall()
+            return await asyncio.wait_for(asyncio.shield(writer_thread), 20)
 
-        async def kill(rows):
-            async with holder.cursor() as cur:
-                for (thread_id,) in rows:
+        async def kill(thread_id):
+            killer = await my_admin()
+            try:
+                async with killer.cursor() as cur:
                     await cur.execute(f"KILL {int(thread_id)}")
+            finally:
+                killer.close()
 
         async def release():
             holder.close()
