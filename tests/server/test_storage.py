@@ -238,7 +238,6 @@ async def test_migrations_idempotent_and_newer_schema_refused(target):
         assert [m.text for m in await s.messages(conv.id)] == ["kept"]
         await s.close()
 
-    # Two processes opening a new database at once: one migrates, nobody fails.
     # A database from a newer kefu is refused with a clear error.
     s = await target.open()
     async with s.write_engine.begin() as conn:
