@@ -139,8 +139,7 @@ def _sqlite_engine(url: URL, *, writer: bool, synchronous: str, busy_timeout: fl
         dbapi_conn.isolation_level = None
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        # WAL: readers never block the writer nor the writer readers.
-        cur.execute("PRAGMA journal_mode = WAL")
+        # (WAL mode is persistent in the file: _sqlite_enable_wal sets it once at open.)
         # Durability.  In WAL mode a commit appends the transaction's pages and a commit
         # frame to the -wal file with write(2) before COMMIT returns.  From then on the data
         # is in the kernel's page cache and survives the death of *this process* (SIGKILL,
@@ -163,6 +162,29 @@ def _sqlite_engine(url: URL, *, writer: bool, synchronous: str, busy_timeout: fl
         conn.exec_driver_sql("BEGIN IMMEDIATE" if writer else "BEGIN")
 
     return engine
+
+
+async def _sqlite_enable_wal(engine: AsyncEngine, busy_timeout: float) -> None:
+    """Put the database in WAL mode (readers never block the writer nor the writer readers).
+
+    Switching needs an exclusive lock, and SQLite answers SQLITE_BUSY at once, without its
+    busy handler, when another connection (e.g. a second process opening a new database at
+    the same moment) is busy with it: so retry until busy_timeout."""
+    import sqlite3
+    deadline = time.monotonic() + max(busy_timeout, 1.0)
+    async with engine.connect() as conn:
+        db = (await conn.get_raw_connection()).driver_connection   # aiosqlite, no transaction
+        while True:
+            try:
+                async with db.execute("PRAGMA journal_mode = WAL") as cur:
+                    mode = (await cur.fetchone())[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+    if str(mode).lower() != "wal":      # e.g. a read-only file still in rollback-journal mode
+        log.warning("SQLite database is in journal_mode=%s, not WAL", mode)
 
 
 class SqlStorage(Storage):
@@ -246,12 +268,18 @@ class SqlStorage(Storage):
                     cur.close()
         self = cls(write, read, batch_max=batch_max, batch_window=batch_window)
         try:
+            if backend == "sqlite":
+                await self._enable_wal(busy_timeout)
             if migrate:
                 await self._migrate()
         except BaseException:
             await self._dispose()
             raise
         return self
+
+    @_storage_errors("opening the SQLite database")
+    async def _enable_wal(self, busy_timeout: float) -> None:
+        await _sqlite_enable_wal(self.write_engine, busy_timeout)
 
     @_storage_errors("schema migration")
     async def _migrate(self) -> None:
