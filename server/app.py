@@ -86,6 +86,7 @@ def create_app(config: Config | None = None, *, plugins: Iterable[object] = (), 
     app.config.WEBSOCKET_PING_INTERVAL = None     # heartbeats come from our one timing wheel
     app.config.WEBSOCKET_PING_TIMEOUT = None
     app.config.REQUEST_MAX_SIZE = 1024 * 1024
+    app.config.REQUEST_TIMEOUT = 15               # slowloris: a request (or upgrade) must arrive this fast
     app.config.PROXIES_COUNT = int(settings["proxies_count"])
     app.config.ACCESS_LOG = False                 # tokens never travel in URLs, but keep logs lean anyway
     app.config.NOISY_EXCEPTIONS = False
