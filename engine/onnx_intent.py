@@ -37,6 +37,8 @@ LABELS_FILE = "labels.json"
 OOS_SCORES = ("knn_cosine", "max_prob")
 #: Sub-batch size inside predict_batch: texts are sorted by length and padded per sub-batch.
 CHUNK = 64
+#: Up to this many texts, kNN similarities are computed without BLAS (see knn_label_scores).
+SMALL_BATCH = 16
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -51,7 +53,12 @@ def knn_label_scores(emb: np.ndarray, bank: np.ndarray, starts: np.ndarray) -> n
 
     ``bank`` rows are grouped by label; ``starts[i]`` is where label ``i``'s group begins.
     """
-    sims = emb @ bank.T
+    if len(emb) <= SMALL_BATCH:
+        # einsum stays on this thread; a BLAS matmul this small would wake BLAS's worker
+        # threads, which costs milliseconds when the other cores are busy.
+        sims = np.einsum("bd,nd->bn", emb, bank)
+    else:
+        sims = emb @ bank.T
     return np.maximum.reduceat(sims, starts, axis=1)
 
 
