@@ -193,3 +193,28 @@ async def test_two_tabs_of_one_agent_both_work(server):
     await tab2.expect(lambda f: f.get("text") == "from tab 1")
     await tab2.message("from tab 2", conversation=cid)
     await tab1.expect(lambda f: f.get("text") == "from tab 2")
+
+
+async def test_away_agent_gets_no_new_conversations_and_capacity_frame(server):
+    await server.add_agent("jo", capacity=1)
+    await server.add_agent("kai", capacity=1)
+    jo, _ = await server.agent("jo")
+    kai, kai_welcome = await server.agent("kai")
+    await jo.send({"type": "presence", "status": "away"})
+    assert (await jo.expect("presence"))["status"] == "away"
+    visitor, _ = await server.visitor()
+    await visitor.send({"type": "handoff"})
+    ev = await visitor.expect(is_event("assigned"))
+    assert ev["meta"]["agent"]["name"] == "Kai"
+    # kai is full and jo away: the next one waits; raising kai's capacity offers it to kai
+    v2, vw2 = await server.visitor()
+    await v2.send({"type": "handoff"})
+    assert (await v2.expect(is_event("queued")))["meta"]["position"] == 1
+    await kai.send({"type": "capacity", "value": 2})
+    got = await kai.expect(lambda f: f.get("type") == "assigned" and f["conversation"]["id"] == vw2["conversation"]["id"])
+    assert got
+    assert (await kai.expect("capacity"))["value"] == 2
+    agent = await server.ctx.storage.get_agent(agent_id=kai_welcome["agent"]["id"])
+    assert agent.capacity == 2
+    await jo.send({"type": "presence", "status": "sleeping"})
+    assert (await jo.expect("error"))["code"] == "bad_field"
