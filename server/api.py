@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +233,9 @@ async def bot_reply(request: Request, bot: str) -> HTTPResponse:
     if not ctx.reply_limit.hit(client_ip(request)):
         raise RateLimited("too many bot requests from this address")
     data = body(request)
-    text, session = data.get("text"), data.get("session", "default")
+    # No session: a one-off turn, with memory nobody else shares (not a common "default"
+    # session in which unrelated callers would read each other's slots).
+    text, session = data.get("text"), data.get("session") or "once-" + secrets.token_hex(8)
     if not isinstance(session, str) or len(session) > 64:
         raise BadRequest("session must be a string of at most 64 characters")
     if not isinstance(text, str) or len(text) > int(ctx.settings["max_text_chars"]):

@@ -22,7 +22,9 @@ async def test_stateless_bot_reply_has_kefu_ask_json_fields(server):
     assert status == 200
     assert set(data) == {"bot", "session", "intent", "confidence", "answer", "handoff", "handoff_reason", "source",
                          "delay_ms", "suggestions"}
-    assert data["answer"] == "We are open 9 to 5." and data["session"] == "default"
+    assert data["answer"] == "We are open 9 to 5." and data["session"].startswith("once-")
+    _, again = await server.http("POST", "/api/v1/bots/testbot/reply", json_body={"text": "when are you open"})
+    assert again["session"] != data["session"]  # calls without a session share no memory
     status, data = await server.http("POST", "/api/v1/bots/testbot/reply", json_body={"text": "talk to a human", "session": "s1"})
     assert data["handoff"] is True and data["session"] == "s1"
     status, data = await server.http("POST", "/api/v1/bots/nope/reply", json_body={"text": "hi"})
