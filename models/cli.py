@@ -29,6 +29,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--max-length", type=int, default=64, help="tokens per text (truncation)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each intent")
     t.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    t.add_argument("--oos-score", choices=("knn_cosine", "max_prob"), default="knn_cosine",
+                   help="score the out-of-scope threshold applies to (docs/model.md)")
     t.add_argument("--no-fp32", action="store_true", help="do not keep model.fp32.onnx beside model.onnx")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--json", action="store_true", help="print metrics as JSON")
@@ -65,7 +67,7 @@ def run_train(args: argparse.Namespace) -> int:
         config = TrainConfig(base=str(args.base) if args.base else None, epochs=args.epochs, seed=args.seed,
                              batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
                              val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet)
-        result = train_model(data, out, config, keep_fp32=not args.no_fp32)
+        result = train_model(data, out, config, keep_fp32=not args.no_fp32, oos_score=args.oos_score)
     except ModelError as e:
         print(f"kefu train: {e}", file=sys.stderr)
         return 1

@@ -45,7 +45,7 @@ def versions() -> dict[str, str]:
 
 def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None = None, *,
                 bank_max_per_label: int = BANK_MAX_PER_LABEL, keep_fp32: bool = True,
-                oos_score: str | None = None) -> dict[str, Any]:
+                oos_score: str = "knn_cosine") -> dict[str, Any]:
     """Train on ``data`` and write a complete model folder to ``out_dir``; returns metrics.json's content."""
     config = config or TrainConfig()
     out = Path(out_dir)
@@ -83,7 +83,7 @@ def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None =
                             seed=config.seed, oos_score=oos_score)
         else:
             from .calibrate import TEMPERATURE, Calibration
-            cal = Calibration(0.0, TEMPERATURE, oos_score or "knn_cosine", 0.0,
+            cal = Calibration(0.0, TEMPERATURE, oos_score, 0.0,
                               "none: no validation split; every text is in scope")
     finally:
         clf.close()
