@@ -23,10 +23,12 @@ def client_ip(request: Request) -> str:
 def origin_allowed(origin: str | None, host: str, settings: dict[str, Any]) -> bool:
     if origin is None:
         return bool(settings["allow_no_origin"])
+    # This server's own pages (the chat page inside the widget's iframe, the console) are
+    # always allowed; `origins` adds the shops' sites that open sockets from their pages.
+    if urlsplit(origin).netloc.lower() == host.lower():
+        return True
     allowed = [o.rstrip("/").lower() for o in settings["origins"]]
-    if allowed:
-        return "*" in allowed or origin.rstrip("/").lower() in allowed
-    return urlsplit(origin).netloc.lower() == host.lower()   # default: same host only
+    return "*" in allowed or origin.rstrip("/").lower() in allowed
 
 
 async def check_upgrade(request: Request):
