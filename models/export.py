@@ -5,9 +5,11 @@ texts), failing with ModelError beyond them:
 
 - ONNX fp32 (fused) vs torch: ``max |logit difference| <= TORCH_ATOL + TORCH_RTOL * |logit|``
   and ``max |embedding difference| <= TORCH_ATOL``.
-- int8 vs fp32: the top intent must stay the same for every text whose fp32 probability
+- int8 vs fp32: at most ``INT8_MAX_CONFIDENT_FLIPS`` of the texts (rounded down; none in a
+  check of fewer than 100 texts) may change their top intent while their fp32 probability
   margin (best minus second) is at least ``INT8_MARGIN``, and overall top-1 agreement must
-  be at least ``INT8_MIN_AGREEMENT`` (when 200 or more texts are checked).  Near-ties may flip; confident answers may not.
+  be at least ``INT8_MIN_AGREEMENT`` (when 200 or more texts are checked).  Near-ties may
+  flip; confident answers only very rarely.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ TORCH_ATOL = 1e-3
 TORCH_RTOL = 1e-3
 INT8_MARGIN = 0.2
 INT8_MIN_AGREEMENT = 0.97
+INT8_MAX_CONFIDENT_FLIPS = 0.01
 OPSET = 17
 
 
@@ -144,9 +147,11 @@ def export_model(model: IntentNet, tokenizer: Any, labels: Sequence[str], out_di
     margin = srt[:, -1] - (srt[:, -2] if p32.shape[1] > 1 else 0)
     flips = int(((top32 != top8) & (margin >= INT8_MARGIN)).sum())
     agreement = float((top32 == top8).mean())
-    if flips or (len(check_texts) >= 200 and agreement < INT8_MIN_AGREEMENT):
-        raise ModelError(f"{int8}: int8 model disagrees with fp32 beyond tolerance ({flips} confident "
-                         f"top-1 flips, agreement {agreement:.4f} < {INT8_MIN_AGREEMENT})")
+    allowed = int(INT8_MAX_CONFIDENT_FLIPS * len(check_texts))
+    if flips > allowed or (len(check_texts) >= 200 and agreement < INT8_MIN_AGREEMENT):
+        raise ModelError(f"{int8}: int8 model disagrees with fp32 beyond tolerance: {flips} top-1 changes "
+                         f"with an fp32 margin >= {INT8_MARGIN} (allowed {allowed} of {len(check_texts)}), "
+                         f"top-1 agreement {agreement:.4f} (required {INT8_MIN_AGREEMENT} from 200 texts)")
     report = ExportReport(float(logit_diff.max()), emb_diff, agreement, flips, float(np.abs(p32 - p8).max()),
                           len(check_texts), fp32.stat().st_size, int8.stat().st_size)
     if not keep_fp32:

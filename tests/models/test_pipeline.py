@@ -42,7 +42,7 @@ def test_int8_model_is_smaller_than_fp32(trained):
 def test_metrics_record_epochs_export_checks_and_calibration(trained):
     m = json.loads((trained / "metrics.json").read_text())
     assert m["best_epoch"] == 1 and len(m["history"]) == 1
-    assert m["export"]["int8_confident_flips"] == 0
+    assert m["export"]["int8_confident_flips"] == 0  # under 100 texts checked: none allowed
     assert m["export"]["torch_max_logit_diff"] < 1e-3
     assert m["calibration"]["threshold"] == json.loads((trained / "labels.json").read_text())["threshold"]
     assert 0 <= m["validation"]["accuracy"] <= 1
@@ -95,15 +95,31 @@ def test_fit_is_reproducible_with_a_seed():
     assert a.history[0]["val_loss"] == b.history[0]["val_loss"]
 
 
-def test_export_fails_loudly_beyond_the_torch_tolerance(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_fit():
     pytest.importorskip("torch")
-    from engine.errors import ModelError
-    from models import export
     from models.data import stratified_split
     from models.train import TrainConfig, fit
 
-    train, val = stratified_split(tiny_dataset(4), 0.25, 0)
-    fitted = fit(train, None, TrainConfig(epochs=1, max_length=8, progress=False, threads=1))
+    train, _ = stratified_split(tiny_dataset(4), 0.25, 0)
+    return fit(train, None, TrainConfig(epochs=1, max_length=8, progress=False, threads=1)), train
+
+
+def test_export_fails_loudly_beyond_the_torch_tolerance(tmp_path, monkeypatch, tiny_fit):
+    from engine.errors import ModelError
+    from models import export
+
+    fitted, train = tiny_fit
     monkeypatch.setattr(export, "TORCH_ATOL", -1.0)
     with pytest.raises(ModelError, match="differs from torch"):
+        export.export_model(fitted.model, fitted.tokenizer, fitted.labels, tmp_path, list(train.texts))
+
+
+def test_export_fails_loudly_beyond_the_int8_tolerance(tmp_path, monkeypatch, tiny_fit):
+    from engine.errors import ModelError
+    from models import export
+
+    fitted, train = tiny_fit
+    monkeypatch.setattr(export, "INT8_MAX_CONFIDENT_FLIPS", -1.0)  # not even zero flips allowed
+    with pytest.raises(ModelError, match="int8 model disagrees with fp32"):
         export.export_model(fitted.model, fitted.tokenizer, fitted.labels, tmp_path, list(train.texts))
