@@ -33,8 +33,12 @@ run: model serve
 test: install
 	$(BIN)/pytest -q
 
+# The full-data intent benchmark (about 30 minutes on 2 cores; --protocol all adds the
+# held-out and few-shot protocols, about an hour more) and the server and storage load tests.
 bench: install
-	$(BIN)/python bench/bench_intent.py
+	$(BIN)/python bench/bench_knowledge_classifier.py
+	$(BIN)/python bench/bench_intent.py --protocol full
+	$(BIN)/python bench/bench_storage.py
 	$(BIN)/python bench/bench_server.py
 
 clean:

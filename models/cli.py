@@ -27,6 +27,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--max-length", type=int, default=64, help="tokens per text (truncation)")
+    t.add_argument("--patience", type=int, default=8,
+                   help="stop after this many epochs without a better validation score (0: never)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each intent")
     t.add_argument("--threads", type=int, help="CPU threads (default: all)")
     t.add_argument("--oos-score", choices=("knn_cosine", "max_prob"), default="knn_cosine",
@@ -66,7 +68,8 @@ def run_train(args: argparse.Namespace) -> int:
 
         config = TrainConfig(base=str(args.base) if args.base else None, epochs=args.epochs, seed=args.seed,
                              batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
-                             val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet)
+                             val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet,
+                             patience=args.patience)
         result = train_model(data, out, config, keep_fp32=not args.no_fp32, oos_score=args.oos_score)
     except ModelError as e:
         print(f"kefu train: {e}", file=sys.stderr)

@@ -92,7 +92,7 @@ def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None =
     _write_json(out / LABELS_FILE, meta)
 
     result: dict[str, Any] = {"n_train": len(train), "n_val": len(val), "best_epoch": fitted.best_epoch,
-                              "history": fitted.history, "train_seconds": fitted.seconds,
+                              "stopped_early": fitted.stopped_early, "history": fitted.history, "train_seconds": fitted.seconds,
                               "export": export.to_dict(), "calibration": cal.to_dict()}
     report = out / "report"
     if report.exists():

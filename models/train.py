@@ -57,6 +57,10 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None       # torch CPU threads; None = all cores
     progress: bool = True
+    # Stop after this many epochs without a better validation score (0: never).  Small
+    # bots get up to 40 epochs by the step rule, but their best epoch comes much earlier
+    # (the shop bot: epoch 13 of 40), and `make run` trains on a newcomer's first start.
+    patience: int = 8
 
     def resolved_epochs(self, n_train: int) -> int:
         if self.epochs:
@@ -162,6 +166,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    stopped_early: bool = False
 
 
 def seed_everything(seed: int) -> None:
@@ -258,6 +263,9 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
         result.history.append(row)
         if on_epoch:
             on_epoch(row)
+        if config.patience and result.best_epoch and epoch - result.best_epoch >= config.patience:
+            result.stopped_early = True
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     else:

@@ -95,6 +95,19 @@ def test_fit_is_reproducible_with_a_seed():
     assert a.history[0]["val_loss"] == b.history[0]["val_loss"]
 
 
+def test_training_stops_after_patience_epochs_without_a_better_validation_score():
+    pytest.importorskip("torch")
+    from models.data import stratified_split
+    from models.train import TrainConfig, fit
+
+    train, val = stratified_split(tiny_dataset(6), 0.25, 0)
+    # lr 0: the weights never change, so no epoch after the first can be better.
+    result = fit(train, val, TrainConfig(epochs=5, patience=2, lr=0.0, max_length=12, progress=False,
+                                         seed=3, threads=1))
+    assert result.stopped_early and result.best_epoch == 1
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+
+
 @pytest.fixture(scope="module")
 def tiny_fit():
     pytest.importorskip("torch")
