@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import yaml
-
-from engine.errors import ModelError
+from engine.errors import KnowledgeError, ModelError
+from engine.knowledge import load_knowledge
 
 #: The label of out-of-scope rows in an evaluation file; never a trainable intent.
 OOS_LABEL = "oos"
@@ -107,31 +106,17 @@ def load_csv(path: str | Path, *, text_column: str = "text", label_column: str =
 
 
 def load_knowledge_examples(path: str | Path) -> Dataset:
-    """Read ``intents.<name>.examples`` from a bot's knowledge YAML (intents without examples are skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such knowledge file")
+    """The examples of a bot's knowledge YAML, read by the engine's own loader, so training
+    sees exactly what the bot serves (intents without examples are not model intents).
+    Every problem of the file is reported as ``file:line: message``."""
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ModelError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(doc, dict) or not isinstance(doc.get("intents"), dict):
-        raise ModelError(f"{path}: expected a top-level 'intents:' mapping")
-    texts, labels = [], []
-    for name, spec in doc["intents"].items():
-        if not isinstance(spec, dict):
-            raise ModelError(f"{path}: intent {name!r} must be a mapping")
-        examples = spec.get("examples") or []
-        if not isinstance(examples, list):
-            raise ModelError(f"{path}: intents.{name}.examples must be a list of strings")
-        for ex in examples:
-            if not isinstance(ex, str) or not ex.strip():
-                raise ModelError(f"{path}: intents.{name}.examples holds a non-text or empty item: {ex!r}")
-            texts.append(ex.strip())
-            labels.append(str(name))
-    if not texts:
+        knowledge = load_knowledge(path)
+    except KnowledgeError as e:
+        raise ModelError(str(e)) from None
+    pairs = [(text.strip(), intent) for text, intent in knowledge.examples() if text.strip()]
+    if not pairs:
         raise ModelError(f"{path}: no intent has examples; nothing to train on")
-    data = Dataset(tuple(texts), tuple(labels), str(path))
+    data = Dataset(tuple(t for t, _ in pairs), tuple(i for _, i in pairs), str(path))
     check_trainable(data)
     return data
 

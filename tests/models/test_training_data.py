@@ -88,21 +88,23 @@ def test_non_utf8_csv_is_an_error(tmp_path):
 
 def test_reads_examples_from_knowledge_yaml(tmp_path):
     p = tmp_path / "bot.yaml"
-    p.write_text("intents:\n  order/status:\n    examples: [where is my order, track parcel]\n"
-                 "  refund:\n    examples: [money back, refund please]\n  hello:\n    answers: [Hi]\n")
+    p.write_text("bot: bot\nintents:\n  order/status:\n    examples: [where is my order, track parcel]\n"
+                 "    answers: [A]\n  refund:\n    examples: [money back, refund please]\n    answers: [B]\n"
+                 "  hello:\n    answers: [Hi]\n")
     d = load_knowledge_examples(p)
     assert d.intents == ("order/status", "refund")  # intents without examples are not listed
     assert len(d) == 4
 
 
 @pytest.mark.parametrize("body, message", [
-    ("intents: [a, b]\n", "top-level 'intents:' mapping"),
-    ("just text\n", "top-level 'intents:' mapping"),
-    ("intents:\n  a:\n    answers: [x]\n", "no intent has examples"),
-    ("intents:\n  a:\n    examples: hello\n", "must be a list"),
-    ("intents:\n  a:\n    examples: [1, 2]\n", "non-text"),
-    ("intents: {a: {examples: [x, y]}, b: {examples: [z]}}\n", "single example: b"),
-    ("intents: [unclosed\n", "not valid YAML"),
+    ("bot: b\nintents: [a, b]\n", "bot.yaml:2: intents must be a mapping"),
+    ("just text\n", "bot.yaml:1: the file must be a mapping"),
+    ("bot: b\nintents:\n  a:\n    answers: [x]\n", "no intent has examples"),
+    ("bot: b\nintents:\n  a:\n    examples: {x: 1}\n    answers: [x]\n", "bot.yaml:4: intents.a.examples must be a list"),
+    ("bot: b\nintents:\n  a:\n    examples: [[1], 2]\n    answers: [x]\n", "bot.yaml:4: intents.a.examples.0 must be text"),
+    ("bot: b\nintents: {a: {examples: [x, y], answers: [1]}, b: {examples: [z], answers: [2]}}\n",
+     "single example: b"),
+    ("bot: b\nintents: [unclosed\n", "bot.yaml:3: invalid YAML"),
 ])
 def test_bad_knowledge_yaml_is_an_error_naming_the_file(tmp_path, body, message):
     p = tmp_path / "bot.yaml"
