@@ -133,6 +133,7 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
     chat = holder["chat"] = Chat(s, engine=engine, storage=ctx.storage, router=ctx.router,
                                  tokens=ctx.tokens, metrics=ctx.metrics)
     ctx.chat = chat
+    chat.window_counters += [ctx.login_failures, ctx.reply_limit]   # evicted by the same tick
     await ctx.router.restore()
     registry = chat.registry
     ctx.metrics.gauge("kefu_connections", lambda: len(registry.connections), "Open WebSocket connections.")

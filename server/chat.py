@@ -72,6 +72,7 @@ class Chat:
         self.agent_names: dict[str, str] = {}
         self.tasks: set[asyncio.Task] = set()
         self.new_conv_limit = WindowCounter(int(settings["new_conversations_per_ip_per_min"]))
+        self.window_counters: list[WindowCounter] = [self.new_conv_limit]   # swept every second
         self.wheel = TimingWheel(float(settings.get("tick_s", 1.0)), self._check_conn, self._tick)
         self.max_text = int(settings["max_text_chars"])
         self.max_cid = int(settings["max_client_id_chars"])
@@ -229,7 +230,8 @@ class Chat:
         self._router_ticks += self.wheel.tick_s
         if self._router_ticks >= 1.0:
             self._router_ticks = 0.0
-            self.new_conv_limit.sweep()
+            for counter in self.window_counters:
+                counter.sweep()
             await self.router.tick()
 
     # -- conversations ------------------------------------------------------------------
@@ -266,6 +268,8 @@ class Chat:
         """Subscribe and send, in order, every message after ``after_seq`` (no gap, no duplicate)."""
         limit = int(self.s["resume_max_messages"])
         async with c.lock:
+            # forgotten while we waited for the lock (its last subscriber left meanwhile): keep it
+            self.convs.setdefault(c.id, c)
             self.registry.subscribe(conn, c.id)
             if c.last_seq - after_seq > limit:
                 conn.seen[c.id] = c.last_seq
@@ -375,6 +379,12 @@ class Chat:
         self.metrics.ack_latency.observe(time.perf_counter() - arrived)
 
     async def _bot_turn(self, c: ConvState, text: str) -> None:
+        try:
+            await self._answer(c, text)
+        finally:
+            self._maybe_forget(c.id)   # its last subscriber may have left during the turn
+
+    async def _answer(self, c: ConvState, text: str) -> None:
         async with c.bot_lock:
             if c.state != BOT:
                 return

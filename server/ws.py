@@ -61,13 +61,29 @@ def guard_utf8(ws: Any) -> None:
     ws.process_events = checked
 
 
+async def over_cap(request: Request, ws: Any) -> bool:
+    """The per-IP cap again, once upgraded: ``check_upgrade`` cannot count the handshakes still
+    in flight, so a burst (a reconnect storm) would all pass it.  Checking here and registering
+    in ``chat.serve`` happen with no await in between, so the cap holds; the extra socket is
+    closed with 4029 (back off)."""
+    ctx = request.app.ctx
+    cap = int(ctx.settings["max_connections_per_ip"])
+    if cap and ctx.chat.registry.count_ip(client_ip(request)) >= cap:
+        ctx.metrics.inc("kefu_http_rejected_total", reason="connections_per_ip")
+        await ws.close(P.CLOSE_RATE_LIMITED, "too many connections")
+        return True
+    return False
+
+
 @bp.websocket("/ws/visitor", subprotocols=P.SUBPROTOCOLS)
 async def visitor_socket(request: Request, ws: Any) -> None:
     guard_utf8(ws)
-    await request.app.ctx.chat.serve(ws, "visitor", client_ip(request))
+    if not await over_cap(request, ws):
+        await request.app.ctx.chat.serve(ws, "visitor", client_ip(request))
 
 
 @bp.websocket("/ws/agent", subprotocols=P.SUBPROTOCOLS)
 async def agent_socket(request: Request, ws: Any) -> None:
     guard_utf8(ws)
-    await request.app.ctx.chat.serve(ws, "agent", client_ip(request))
+    if not await over_cap(request, ws):
+        await request.app.ctx.chat.serve(ws, "agent", client_ip(request))
