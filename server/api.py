@@ -2,7 +2,8 @@
 
 Auth: ``Authorization: Bearer <token>`` (an agent token from /api/v1/auth/login or a visitor
 token from /api/v1/visitor/session or the visitor socket's welcome frame).  Every read of a
-conversation is checked against the caller; unknown and foreign ids both answer 404.
+conversation is checked against the caller; unknown and foreign ids both answer 404 (an
+agent's read of another team's queued conversation also writes an audit entry).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from engine import InputError, KefuError
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json as json_response, text as text_response
 
+from .audit import audit
 from .auth import check_identity, hash_password, new_visitor_id, verify_password
 from .chat import conversation_dict
 from .errors import BadRequest, NotFound, RateLimited, Unauthorized
@@ -54,24 +56,31 @@ async def agent_of(request: Request) -> Agent:
     return agent
 
 
-async def caller_of(request: Request) -> tuple[str, str]:
-    """("agent", agent_id) or ("visitor", visitor_id)."""
+async def caller_of(request: Request) -> tuple[str, str, str | None]:
+    """("agent", agent_id, team) or ("visitor", visitor_id, None)."""
     token = _bearer(request)
     ctx = request.app.ctx
     try:
         visitor_id, _ = ctx.tokens.open_visitor(token)
-        return "visitor", visitor_id
+        return "visitor", visitor_id, None
     except Unauthorized:
         pass
     agent = await agent_of(request)
-    return "agent", agent.id
+    return "agent", agent.id, agent.team
 
 
-def can_read(kind: str, who: str, conv: Conversation) -> bool:
+def team_of(request: Request, conv: Conversation) -> str:
+    """A conversation's team: its bot's (``[server] bot_teams``), else "default"."""
+    return request.app.ctx.router.team_of_bot(conv.bot)
+
+
+def can_read(kind: str, who: str, conv: Conversation, team: str | None = None,
+             conv_team: str = "default") -> bool:
     if kind == "visitor":
         return conv.visitor_id == who
-    # agents: their own conversations, and the shared queue (to pick from it)
-    return conv.agent_id == who or (conv.state == QUEUED and conv.agent_id is None)
+    # agents: their own conversations, and their team's queue (to pick from it)
+    return conv.agent_id == who or (conv.state == QUEUED and conv.agent_id is None
+                                    and (team or "default") == conv_team)
 
 
 def _int_arg(request: Request, name: str, default: int | None, maximum: int | None = None) -> int | None:
@@ -161,7 +170,7 @@ async def visitor_session(request: Request) -> HTTPResponse:
 @bp.get("/conversations")
 async def list_conversations(request: Request) -> HTTPResponse:
     ctx = request.app.ctx
-    kind, who = await caller_of(request)
+    kind, who, team = await caller_of(request)
     limit = _int_arg(request, "limit", 50, MAX_LIMIT) or 50
     before_raw = request.args.get("before")
     try:
@@ -177,13 +186,20 @@ async def list_conversations(request: Request) -> HTTPResponse:
         convs = await ctx.storage.list_conversations(state=QUEUED, limit=limit, before=before)
     else:
         convs = await ctx.storage.list_conversations(agent_id=who, state=state, limit=limit, before=before)
-    return json_response({"conversations": [conversation_dict(c) for c in convs if can_read(kind, who, c)]})
+    return json_response({"conversations": [conversation_dict(c) for c in convs
+                                            if can_read(kind, who, c, team, team_of(request, c))]})
 
 
 async def _readable(request: Request, conversation_id: str) -> Conversation:
-    kind, who = await caller_of(request)
+    kind, who, team = await caller_of(request)
     conv = await request.app.ctx.storage.get_conversation(conversation_id[:64])
-    if conv is None or not can_read(kind, who, conv):
+    if conv is None:
+        raise NotFound("no such conversation")
+    conv_team = team_of(request, conv)
+    if not can_read(kind, who, conv, team, conv_team):
+        if kind == "agent" and conv.state == QUEUED and conv.agent_id is None:   # another team's queue
+            audit(request.app.ctx.metrics, "read", agent=who, conversation=conv.id,
+                  agent_team=team, conversation_team=conv_team)
         raise NotFound("no such conversation")
     return conv
 
@@ -208,10 +224,10 @@ async def get_messages(request: Request, conversation_id: str) -> HTTPResponse:
 
 @bp.get("/agents")
 async def list_agents(request: Request) -> HTTPResponse:
-    await agent_of(request)
+    me = await agent_of(request)
     ctx = request.app.ctx
     return json_response({"agents": [agent_dict(a, ctx.router) for a in await ctx.storage.list_agents()],
-                          "queue": list(ctx.router.queue())})
+                          "queue": list(ctx.router.queue(me.team))})
 
 
 @bp.get("/agents/me")

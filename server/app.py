@@ -52,6 +52,17 @@ class KefuApp(Sanic):
         return await super()._websocket_handler(handler, request, *args, subprotocols=subprotocols, **kwargs)
 
 
+def bot_teams(value: Any) -> dict[str, str]:
+    """``[server] bot_teams``: a table bot -> team (a conversation belongs to its bot's team;
+    a bot not listed to "default")."""
+    if not value:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                              for k, v in value.items()):
+        raise ConfigError('server.bot_teams must be a table of bot = "team" strings')
+    return {k: v.strip() for k, v in value.items()}
+
+
 def parse_business_hours(value: Any, tz: str) -> dict[str, Any] | None:
     """``"mon-fri 09:00-18:00; sat 10:00-14:00"`` or a table ``{mon = "09:00-18:00"}`` ->
     the router's BusinessHours config; empty -> None (always open)."""
@@ -129,7 +140,8 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
 
     hours = parse_business_hours(s["business_hours"], str(s["timezone"]))
     ctx.router = Router(ctx.storage, grace_s=float(s["grace_s"]),
-                        business_hours=BusinessHours.from_config(hours), notify=notify)
+                        business_hours=BusinessHours.from_config(hours), notify=notify,
+                        bot_teams=bot_teams(s.get("bot_teams")))
     chat = holder["chat"] = Chat(s, engine=engine, storage=ctx.storage, router=ctx.router,
                                  tokens=ctx.tokens, metrics=ctx.metrics)
     ctx.chat = chat

@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, NoReturn
 
 from engine import Engine, InputError, KefuError
 from websockets.exceptions import ConnectionClosed
 
 from . import protocol as P
+from .audit import audit
 from .auth import Tokens, check_identity, new_visitor_id
 from .connections import Connection, Registry, TimingWheel, WindowCounter
 from .errors import NotFound, RateLimited, Unauthorized
@@ -70,6 +71,7 @@ class Chat:
         self.registry = Registry()
         self.convs: dict[str, ConvState] = {}
         self.agent_names: dict[str, str] = {}
+        self.agent_teams: dict[str, str] = {}     # agent id -> team (from storage, at hello)
         self.tasks: set[asyncio.Task] = set()
         self.new_conv_limit = WindowCounter(int(settings["new_conversations_per_ip_per_min"]))
         self.window_counters: list[WindowCounter] = [self.new_conv_limit]   # swept every second
@@ -511,15 +513,17 @@ class Chat:
             return self._refuse(conn, P.UNAUTHORIZED, "token revoked", P.CLOSE_REVOKED)
         conn.agent_id, conn.token_version = agent.id, agent.token_version
         self.agent_names[agent.id] = agent.display_name or agent.username
+        self.agent_teams[agent.id] = agent.team
         self.registry.identify(conn)
         self.wheel.schedule(conn, float(self.s["heartbeat_s"]))
         mine = await self.storage.list_conversations(agent_id=agent.id, state=HUMAN, limit=500)
         resume = frame.get("resume") if isinstance(frame.get("resume"), dict) else {}
         conn.send({"type": "welcome", "agent": {"id": agent.id, "username": agent.username,
-                                               "display_name": agent.display_name, "capacity": agent.capacity},
+                                               "display_name": agent.display_name, "capacity": agent.capacity,
+                                               "team": agent.team},
                    "conversations": [conversation_dict(conv) for conv in mine],
-                   "queue": list(self.router.queue())})
-        await self.router.agent_connected(agent.id, agent.capacity)
+                   "queue": list(self.router.queue(agent.team))})
+        await self.router.agent_connected(agent.id, agent.capacity, agent.team)
         for conv in mine:
             c = await self.conversation(conv.id)
             seq = resume.get(conv.id, 0)
@@ -560,19 +564,44 @@ class Chat:
         await self.storage.update_agent(conn.agent_id or "", capacity=value)
         self.registry.to_agent(conn.agent_id or "", {"type": "capacity", "value": value})
 
+    def team_of(self, c: ConvState) -> str:
+        return self.router.team_of_bot(c.bot)
+
     async def accept(self, conn: Connection, frame: dict[str, Any]) -> None:
         cid = P.get_str(frame, "conversation", max_len=64)
         c = await self.conversation(cid)
         if c.state != QUEUED:
             raise NotFound("no such queued conversation")
-        await self._route_call(self.router.accept(c.id, conn.agent_id))
+        agent_team, team = self.agent_teams.get(conn.agent_id or "", "default"), self.team_of(c)
+        if agent_team != team:
+            self._forbidden("accept", conn, c, agent_team=agent_team, conversation_team=team)
+        try:
+            await self._route_call(self.router.accept(c.id, conn.agent_id))
+        except P.FrameError as exc:    # the router's own check (e.g. a team changed meanwhile)
+            if exc.code == P.FORBIDDEN:
+                audit(self.metrics, "accept", agent=conn.agent_id or "", conversation=c.id)
+            raise
 
     async def transfer(self, conn: Connection, frame: dict[str, Any]) -> None:
         c = self._conv_for(conn, frame)
         target = P.get_str(frame, "to", max_len=64)
-        if await self.storage.get_agent(agent_id=target) is None:
+        agent = await self.storage.get_agent(agent_id=target)
+        if agent is None:
             raise NotFound("no such agent")
-        await self._route_call(self.router.transfer(c.id, conn.agent_id, target))
+        if agent.team != self.team_of(c):
+            self._forbidden("transfer", conn, c, to=agent.id, to_team=agent.team,
+                            conversation_team=self.team_of(c))
+        try:
+            await self._route_call(self.router.transfer(c.id, conn.agent_id, target))
+        except P.FrameError as exc:
+            if exc.code == P.FORBIDDEN:
+                audit(self.metrics, "transfer", agent=conn.agent_id or "", conversation=c.id, to=agent.id)
+            raise
+
+    def _forbidden(self, action: str, conn: Connection, c: ConvState, **detail: Any) -> NoReturn:
+        """Refuse a cross-team action: an audit entry, then the ``forbidden`` error frame."""
+        audit(self.metrics, action, agent=conn.agent_id or "", conversation=c.id, **detail)
+        raise P.FrameError(P.FORBIDDEN, "the conversation is not in your team")
 
     async def agent_close(self, conn: Connection, frame: dict[str, Any]) -> None:
         c = self._conv_for(conn, frame)
@@ -600,7 +629,13 @@ class Chat:
             raise P.FrameError(code, str(exc)) from None
 
     async def _tell_agents_queue(self) -> None:
-        self.registry.to_agents({"type": "queue", "conversations": list(self.router.queue())})
+        """Each agent gets the queue of their own team only."""
+        frames: dict[str, dict[str, Any]] = {}
+        for agent_id in list(self.registry.by_agent):
+            team = self.agent_teams.get(agent_id, "default")
+            if team not in frames:
+                frames[team] = {"type": "queue", "conversations": list(self.router.queue(team))}
+            self.registry.to_agent(agent_id, frames[team])
 
     # -- routing events (the router's notify callback) -----------------------------------
 

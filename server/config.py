@@ -46,6 +46,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "business_hours": "",               # "mon-fri 09:00-18:00; sat 10:00-14:00" or a table {mon = "09:00-18:00"}; "": always open
     "timezone": "UTC",
     "agent_capacity": 5,                # default capacity for `kefu agent add`
+    "bot_teams": {},                    # table bot -> team owning its conversations; unlisted bots: "default"
 }
 
 

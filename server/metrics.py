@@ -35,6 +35,7 @@ class Metrics:
             "kefu_frames_rejected_total": "Client frames answered with an error frame, by code.",
             "kefu_handoffs_total": "Conversations handed to a person, by outcome.",
             "kefu_http_rejected_total": "HTTP requests and upgrades refused, by reason.",
+            "kefu_audit_total": "Audited refusals of cross-team actions, by action (accept, transfer, read).",
         }
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:

@@ -42,6 +42,7 @@ RATE_LIMITED = "rate_limited"
 NOT_FOUND = "not_found"
 BAD_STATE = "bad_state"
 UNAUTHORIZED = "unauthorized"
+FORBIDDEN = "forbidden"           # an action outside the agent's team (audited)
 NOT_HELLO = "hello_required"
 STORAGE = "storage_unavailable"
 INTERNAL = "internal"

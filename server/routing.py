@@ -6,7 +6,10 @@ A library the server calls from its WebSocket handlers and its timing wheel.
   conversations under their capacity; equal load goes to the agent who least recently got
   one (a round-robin counter).  Nobody free: it is queued in arrival order (FIFO) and offered
   as agents free up (release, transfer away, capacity raised, agent comes online or back
-  from away).  Nobody online: :class:`Unavailable` ("no_agents_online"); outside business
+  from away).  Teams: a conversation belongs to its bot's team (``bot_teams``; else
+  "default") and is only ever assigned, queued and offered within it; ``accept`` by, and
+  ``transfer`` to, an agent of another team raise :class:`RoutingError` ("forbidden").
+  Nobody online: :class:`Unavailable` ("no_agents_online"); outside business
   hours: :class:`Unavailable` ("outside_business_hours").
 * An agent whose last socket closes keeps their conversations for ``grace_s`` seconds
   (measured on the ``clock`` argument); :meth:`Router.tick` then re-queues them (state back to
@@ -46,6 +49,7 @@ from server.storage.base import BOT, CLOSED, HUMAN, QUEUED, Conversation, Storag
 log = logging.getLogger(__name__)
 
 ONLINE, AWAY = "online", "away"
+DEFAULT_TEAM = "default"
 PRESENCES = (ONLINE, AWAY)
 
 
@@ -76,7 +80,8 @@ Event = Union[Assigned, Queued, Unavailable]
 class RoutingError(Exception):
     """A refused routing action.  ``code`` is one of: ``agent_unavailable`` (agent not
     connected, or away, as a transfer target), ``agent_full`` (at capacity), ``not_owner``,
-    ``not_found``, ``closed``, ``already_assigned``, ``not_queued``, ``invalid``."""
+    ``not_found``, ``closed``, ``already_assigned``, ``not_queued``, ``invalid``,
+    ``forbidden`` (the agent is not in the conversation's team)."""
 
     def __init__(self, code: str, message: str = ""):
         super().__init__(message or code)
@@ -170,6 +175,7 @@ class AgentInfo:
     capacity: int
     load: int                   # open conversations (+ slots reserved for assignments in flight)
     grace_deadline: float | None = None   # set while disconnected and holding conversations
+    team: str = DEFAULT_TEAM
 
 
 class RoutingState(abc.ABC):
@@ -180,8 +186,11 @@ class RoutingState(abc.ABC):
     :meth:`commit` (slot becomes a conversation) or :meth:`cancel` (slot given back).  An
     agent is *eligible* when connected (sockets > 0), ``online`` and ``load < capacity``.
 
-    A Redis backend maps this onto: a hash per agent (status, sockets, capacity, deadline), a
-    sorted set of eligible agents scored ``load * 2**32 + last_assigned`` (ZPOPMIN + re-add in
+    Agents and queued conversations each belong to a team (``connect``/``enqueue``): a slot
+    is only ever reserved from, and the queue only offered to, agents of the same team.
+
+    A Redis backend maps this onto: a hash per agent (status, sockets, capacity, deadline,
+    team), per team a sorted set of eligible agents scored ``load * 2**32 + last_assigned`` (ZPOPMIN + re-add in
     one Lua script for :meth:`reserve`), a set of conversations per agent, a sorted set for
     the queue scored by arrival, and INCR counters.  The ``snapshot`` methods (``load``,
     ``queue_ids``, ``agents``) are synchronous: such a backend serves them from a local cache.
@@ -189,8 +198,8 @@ class RoutingState(abc.ABC):
 
     # -- agents
     @abc.abstractmethod
-    async def connect(self, agent_id: str, capacity: int) -> AgentInfo:
-        """One more socket; sets capacity; clears any grace deadline."""
+    async def connect(self, agent_id: str, capacity: int, team: str = DEFAULT_TEAM) -> AgentInfo:
+        """One more socket; sets capacity and team; clears any grace deadline."""
 
     @abc.abstractmethod
     async def disconnect(self, agent_id: str, deadline: float) -> AgentInfo | None:
@@ -215,9 +224,9 @@ class RoutingState(abc.ABC):
 
     # -- slots
     @abc.abstractmethod
-    async def reserve(self) -> str | None:
-        """Atomically take one slot from the least-loaded eligible agent (ties: least
-        recently assigned) and return it, or None when nobody is free."""
+    async def reserve(self, team: str = DEFAULT_TEAM) -> str | None:
+        """Atomically take one slot from the least-loaded eligible agent of ``team`` (ties:
+        least recently assigned) and return it, or None when nobody there is free."""
 
     @abc.abstractmethod
     async def reserve_agent(self, agent_id: str, *, allow_away: bool = False) -> str | None:
@@ -245,13 +254,13 @@ class RoutingState(abc.ABC):
     async def owner(self, conversation_id: str) -> str | None: ...
 
     @abc.abstractmethod
-    async def any_online(self) -> bool:
-        """Is any agent connected and online (not away)?"""
+    async def any_online(self, team: str | None = None) -> bool:
+        """Is any agent (of ``team``, when given) connected and online (not away)?"""
 
     # -- queue
     @abc.abstractmethod
-    async def enqueue(self, conversation_id: str, score: float) -> bool:
-        """Add (or keep) a conversation in the queue, ordered by ``score`` then arrival.
+    async def enqueue(self, conversation_id: str, score: float, team: str = DEFAULT_TEAM) -> bool:
+        """Add (or keep) a conversation in ``team``'s queue, ordered by ``score`` then arrival.
         A conversation with an owner is never queued (False): binding one (commit, adopt)
         also takes it out of the queue, so whichever of two racing routers comes last, a
         conversation is either owned or queued, never both."""
@@ -260,22 +269,31 @@ class RoutingState(abc.ABC):
     async def dequeue(self, conversation_id: str) -> bool: ...
 
     @abc.abstractmethod
-    async def queue_size(self) -> int: ...
+    async def queue_size(self, team: str | None = None) -> int:
+        """Queued conversations (of ``team``, when given)."""
 
     @abc.abstractmethod
-    async def pop_queue(self) -> tuple[str, float] | None:
-        """Remove and return the head of the queue with its score."""
+    async def pop_queue(self, team: str = DEFAULT_TEAM) -> tuple[str, float] | None:
+        """Remove and return the head of ``team``'s queue with its score."""
 
     @abc.abstractmethod
     async def position(self, conversation_id: str) -> int | None:
-        """1-based queue position, None when not queued."""
+        """1-based position in its team's queue, None when not queued."""
+
+    @abc.abstractmethod
+    async def queue_teams(self) -> list[str]:
+        """The teams with conversations queued, in order of their heads' arrival."""
 
     # -- snapshots (synchronous; may be a local cache in a distributed backend)
     @abc.abstractmethod
     def load(self, agent_id: str) -> int: ...
 
     @abc.abstractmethod
-    def queue_ids(self) -> list[str]: ...
+    def queue_ids(self, team: str | None = None) -> list[str]: ...
+
+    @abc.abstractmethod
+    def team(self, agent_id: str) -> str | None:
+        """The team of an agent this state knows (given at :meth:`connect`), else None."""
 
     @abc.abstractmethod
     def agents(self) -> list[AgentInfo]: ...
@@ -292,6 +310,7 @@ class _Agent:
     last_assigned: int = 0
     deadline: float | None = None
     version: int = 0
+    team: str = DEFAULT_TEAM
 
     @property
     def load(self) -> int:
@@ -303,33 +322,37 @@ class _Agent:
 
     def info(self) -> AgentInfo:
         return AgentInfo(self.agent_id, self.status, self.sockets, self.capacity, self.load,
-                         self.deadline)
+                         self.deadline, self.team)
 
 
 class InMemoryRoutingState(RoutingState):
-    """One process.  Eligible agents sit in a min-heap keyed by (load, last assigned,
-    agent id); every change pushes a fresh entry and stale ones are skipped on pop (lazy
-    deletion, compacted when the heap grows past a few times the number of agents)."""
+    """One process.  Eligible agents sit in one min-heap per team keyed by (load, last
+    assigned, agent id); every change pushes a fresh entry and stale ones are skipped on pop
+    (lazy deletion, compacted when a heap grows past a few times the number of agents).
+    The queue is one list in arrival order; each entry carries its conversation's team."""
 
     def __init__(self) -> None:
         self._agents: dict[str, _Agent] = {}
         self._owner: dict[str, str] = {}
-        self._heap: list[tuple[int, int, str, int]] = []
+        self._heap: list[tuple[int, int, str, int]] = []      # the default team's
+        self._heaps: dict[str, list[tuple[int, int, str, int]]] = {DEFAULT_TEAM: self._heap}
         self._rr = itertools.count(1)
         self._versions = itertools.count(1)
         self._arrivals = itertools.count()
         self._queue: list[tuple[float, int, str]] = []      # sorted
         self._queued: dict[str, tuple[float, int, str]] = {}
+        self._queue_team: dict[str, str] = {}
 
     # -- helpers
     def _touch(self, a: _Agent) -> None:
         a.version = next(self._versions)
         if a.eligible:
-            heapq.heappush(self._heap, (a.load, a.last_assigned, a.agent_id, a.version))
-            if len(self._heap) > 4 * len(self._agents) + 32:
-                self._heap = [(x.load, x.last_assigned, x.agent_id, x.version)
-                              for x in self._agents.values() if x.eligible]
-                heapq.heapify(self._heap)
+            heap = self._heaps.setdefault(a.team, [])
+            heapq.heappush(heap, (a.load, a.last_assigned, a.agent_id, a.version))
+            if len(heap) > 4 * len(self._agents) + 32:
+                heap[:] = [(x.load, x.last_assigned, x.agent_id, x.version)
+                           for x in self._agents.values() if x.eligible and x.team == a.team]
+                heapq.heapify(heap)
 
     def _take(self, a: _Agent) -> None:
         a.pending += 1
@@ -337,10 +360,11 @@ class InMemoryRoutingState(RoutingState):
         self._touch(a)
 
     # -- agents
-    async def connect(self, agent_id: str, capacity: int) -> AgentInfo:
+    async def connect(self, agent_id: str, capacity: int, team: str = DEFAULT_TEAM) -> AgentInfo:
         a = self._agents.get(agent_id)
         if a is None:
             a = self._agents[agent_id] = _Agent(agent_id, capacity)
+        a.team = team       # a changed team: its old heap's entries go stale with the version
         a.sockets += 1
         a.capacity = capacity
         a.deadline = None
@@ -393,11 +417,12 @@ class InMemoryRoutingState(RoutingState):
         self._touch(a)
 
     # -- slots
-    async def reserve(self) -> str | None:
-        while self._heap:
-            load, _, agent_id, version = heapq.heappop(self._heap)
+    async def reserve(self, team: str = DEFAULT_TEAM) -> str | None:
+        heap = self._heaps.get(team, [])
+        while heap:
+            load, _, agent_id, version = heapq.heappop(heap)
             a = self._agents.get(agent_id)
-            if a is None or a.version != version or not a.eligible:
+            if a is None or a.version != version or not a.eligible or a.team != team:
                 continue
             self._take(a)
             return agent_id
@@ -455,11 +480,12 @@ class InMemoryRoutingState(RoutingState):
     async def owner(self, conversation_id: str) -> str | None:
         return self._owner.get(conversation_id)
 
-    async def any_online(self) -> bool:
-        return any(a.sockets > 0 and a.status == ONLINE for a in self._agents.values())
+    async def any_online(self, team: str | None = None) -> bool:
+        return any(a.sockets > 0 and a.status == ONLINE and (team is None or a.team == team)
+                   for a in self._agents.values())
 
     # -- queue
-    async def enqueue(self, conversation_id: str, score: float) -> bool:
+    async def enqueue(self, conversation_id: str, score: float, team: str = DEFAULT_TEAM) -> bool:
         if conversation_id in self._owner:
             return False
         if conversation_id in self._queued:
@@ -467,6 +493,7 @@ class InMemoryRoutingState(RoutingState):
         key = (score, next(self._arrivals), conversation_id)
         bisect.insort(self._queue, key)
         self._queued[conversation_id] = key
+        self._queue_team[conversation_id] = team
         return True
 
     async def dequeue(self, conversation_id: str) -> bool:
@@ -476,31 +503,49 @@ class InMemoryRoutingState(RoutingState):
         key = self._queued.pop(conversation_id, None)
         if key is None:
             return False
+        self._queue_team.pop(conversation_id, None)
         i = bisect.bisect_left(self._queue, key)
         del self._queue[i]
         return True
 
-    async def queue_size(self) -> int:
-        return len(self._queue)
+    async def queue_size(self, team: str | None = None) -> int:
+        if team is None:
+            return len(self._queue)
+        return sum(1 for t in self._queue_team.values() if t == team)
 
-    async def pop_queue(self) -> tuple[str, float] | None:
-        if not self._queue:
-            return None
-        score, _, cid = self._queue.pop(0)
-        del self._queued[cid]
-        return cid, score
+    async def pop_queue(self, team: str = DEFAULT_TEAM) -> tuple[str, float] | None:
+        for i, (score, _, cid) in enumerate(self._queue):
+            if self._queue_team.get(cid, DEFAULT_TEAM) == team:
+                del self._queue[i]
+                del self._queued[cid]
+                self._queue_team.pop(cid, None)
+                return cid, score
+        return None
 
     async def position(self, conversation_id: str) -> int | None:
         key = self._queued.get(conversation_id)
-        return None if key is None else bisect.bisect_left(self._queue, key) + 1
+        if key is None:
+            return None
+        team = self._queue_team.get(conversation_id, DEFAULT_TEAM)
+        i = bisect.bisect_left(self._queue, key)
+        return 1 + sum(1 for _, _, cid in self._queue[:i]
+                       if self._queue_team.get(cid, DEFAULT_TEAM) == team)
+
+    async def queue_teams(self) -> list[str]:
+        return list(dict.fromkeys(self._queue_team.get(cid, DEFAULT_TEAM) for _, _, cid in self._queue))
 
     # -- snapshots
     def load(self, agent_id: str) -> int:
         a = self._agents.get(agent_id)
         return a.load if a else 0
 
-    def queue_ids(self) -> list[str]:
-        return [cid for _, _, cid in self._queue]
+    def queue_ids(self, team: str | None = None) -> list[str]:
+        return [cid for _, _, cid in self._queue
+                if team is None or self._queue_team.get(cid, DEFAULT_TEAM) == team]
+
+    def team(self, agent_id: str) -> str | None:
+        a = self._agents.get(agent_id)
+        return a.team if a else None
 
     def agents(self) -> list[AgentInfo]:
         return [a.info() for a in sorted(self._agents.values(), key=lambda a: a.agent_id)]
@@ -519,8 +564,12 @@ class Router:
                  notify: Notify | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  state: RoutingState | None = None,
-                 now: Callable[[], datetime] | None = None):
+                 now: Callable[[], datetime] | None = None,
+                 bot_teams: Mapping[str, str] | None = None):
         self.storage = storage
+        # a conversation's team is its bot's (``[server] bot_teams``); unlisted bots: "default"
+        self.bot_teams = dict(bot_teams or {})
+        self._teams: dict[str, str] = {}
         self.grace_s = grace_s
         self.business_hours = business_hours
         self._notify_cb = notify
@@ -529,6 +578,26 @@ class Router:
         self._now = now or (lambda: datetime.now(timezone.utc))
         # conversations re-queued after their agent's grace expired -> that agent
         self._previous: dict[str, str] = {}
+
+    # -- teams
+    def team_of_bot(self, bot: str | None) -> str:
+        return self.bot_teams.get(bot or "", DEFAULT_TEAM)
+
+    async def team_of(self, conversation_id: str) -> str:
+        """The conversation's team (from its bot; cached, a conversation never changes bot)."""
+        if not self.bot_teams:
+            return DEFAULT_TEAM
+        team = self._teams.get(conversation_id)
+        if team is None:
+            conv = await self.storage.get_conversation(conversation_id)
+            if conv is None:
+                return DEFAULT_TEAM
+            team = self._teams[conversation_id] = self.team_of_bot(conv.bot)
+        return team
+
+    def agent_team(self, agent_id: str) -> str | None:
+        """The team an agent connected with; None for an agent routing does not know."""
+        return self.state.team(agent_id)
 
     # -- notifications
     async def _notify(self, event: Event) -> None:
@@ -540,12 +609,12 @@ class Router:
             log.exception("routing notify failed for %r", event)
 
     # -- agents
-    async def agent_connected(self, agent_id: str, capacity: int) -> None:
+    async def agent_connected(self, agent_id: str, capacity: int, team: str = DEFAULT_TEAM) -> None:
         """A socket of this agent opened (an agent may have several tabs).  Cancels a pending
-        grace expiry and offers queued conversations."""
+        grace expiry and offers queued conversations (of the agent's team)."""
         if capacity < 0:
             raise RoutingError("invalid", "capacity must be >= 0")
-        await self.state.connect(agent_id, capacity)
+        await self.state.connect(agent_id, capacity, team)
         await self._offer()
 
     async def agent_disconnected(self, agent_id: str) -> None:
@@ -579,17 +648,18 @@ class Router:
             return Queued(conversation_id, pos)
         if self.business_hours is not None and not self.business_hours.is_open(self._now()):
             return Unavailable(conversation_id, "outside_business_hours")
-        if not await self.state.any_online():
+        team = await self.team_of(conversation_id)
+        if not await self.state.any_online(team):
             return Unavailable(conversation_id, "no_agents_online")
-        if not await self.state.queue_size():   # FIFO: nobody jumps an existing queue
-            agent = await self.state.reserve()
+        if not await self.state.queue_size(team):   # FIFO: nobody jumps an existing queue
+            agent = await self.state.reserve(team)
             if agent is not None:
                 return await self._assign(conversation_id, agent, (BOT, QUEUED))
         conv = await self.storage.transition(conversation_id, to_state=QUEUED, agent_id=None,
                                              from_states=(BOT, QUEUED))
         if conv is None:
             return await self._settle(conversation_id, raise_on_lost=True)
-        await self.state.enqueue(conversation_id, time.time())
+        await self.state.enqueue(conversation_id, time.time(), team)
         await self._offer()
         owner = await self.state.owner(conversation_id)
         if owner is not None:
@@ -601,7 +671,10 @@ class Router:
 
     async def accept(self, conversation_id: str, agent_id: str) -> Assigned:
         """An agent takes a queued conversation by hand (if connected and under capacity;
-        an agent who is away may still pick one explicitly)."""
+        an agent who is away may still pick one explicitly).  Only from the agent's own team
+        (else ``forbidden``)."""
+        if (self.agent_team(agent_id) or DEFAULT_TEAM) != await self.team_of(conversation_id):
+            raise RoutingError("forbidden", f"{conversation_id} is not in {agent_id}'s team")
         refused = await self.state.reserve_agent(agent_id, allow_away=True)
         if refused:
             raise RoutingError(refused, f"agent {agent_id}: {refused}")
@@ -630,6 +703,7 @@ class Router:
         await self.state.unbind(conversation_id)
         await self.state.dequeue(conversation_id)
         self._previous.pop(conversation_id, None)
+        self._teams.pop(conversation_id, None)
         await self._offer()
 
     async def close(self, conversation_id: str, agent_id: str | None = None) -> Conversation:
@@ -651,9 +725,12 @@ class Router:
 
     async def transfer(self, conversation_id: str, from_agent: str, to_agent: str) -> Assigned:
         """Only the owner may transfer; the target must be connected, online (not away) and
-        under capacity."""
+        under capacity, and in the conversation's team (else ``forbidden``)."""
         if from_agent == to_agent:
             raise RoutingError("invalid", "cannot transfer to oneself")
+        target_team = self.agent_team(to_agent)
+        if target_team is not None and target_team != await self.team_of(conversation_id):
+            raise RoutingError("forbidden", f"{to_agent} is not in {conversation_id}'s team")
         refused = await self.state.reserve_agent(to_agent)
         if refused:
             raise RoutingError(refused, f"agent {to_agent}: {refused}")
@@ -700,7 +777,7 @@ class Router:
                     await self.state.hold(agent_id, now)
                     await self.state.adopt(cid, agent_id)
                     continue
-                await self.state.enqueue(cid, time.time())
+                await self.state.enqueue(cid, time.time(), self.team_of_bot(conv.bot))
                 self._previous[cid] = agent_id
                 requeued.append((cid, agent_id))
         out: list[Assigned | Queued] = list(await self._offer())
@@ -723,7 +800,7 @@ class Router:
             await self.state.hold(conv.agent_id, deadline, capacities.get(conv.agent_id, 0))
             await self.state.adopt(conv.id, conv.agent_id)
         for conv in sorted(await self._all(QUEUED), key=lambda c: (c.updated_at, c.created_at)):
-            await self.state.enqueue(conv.id, conv.updated_at)
+            await self.state.enqueue(conv.id, conv.updated_at, self.team_of_bot(conv.bot))
 
     async def _all(self, state: str) -> list[Conversation]:
         """Every conversation in ``state``, paging with ``before`` (on created_at, newest
@@ -745,8 +822,9 @@ class Router:
     def load(self, agent_id: str) -> int:
         return self.state.load(agent_id)
 
-    def queue(self) -> list[str]:
-        return self.state.queue_ids()
+    def queue(self, team: str | None = None) -> list[str]:
+        """Queued conversation ids in order (only ``team``'s when given)."""
+        return self.state.queue_ids(team)
 
     def online_agents(self) -> list[AgentInfo]:
         """Agents with at least one socket open (online or away)."""
@@ -799,17 +877,24 @@ class Router:
             return Assigned(conversation_id, conv.agent_id)
         # still queued in the database (e.g. queued by another router): keep it in line
         await self.state.unbind(conversation_id)
-        await self.state.enqueue(conversation_id, conv.updated_at)
+        await self.state.enqueue(conversation_id, conv.updated_at, self.team_of_bot(conv.bot))
         return Queued(conversation_id, await self.state.position(conversation_id) or 0)
 
     async def _offer(self) -> list[Assigned]:
-        """Offer queued conversations, head first, while some agent has a free slot."""
+        """Offer queued conversations, head first, while some agent has a free slot; each
+        team's queue only to that team's agents."""
         out: list[Assigned] = []
-        while await self.state.queue_size():
-            agent_id = await self.state.reserve()
+        for team in await self.state.queue_teams():
+            out += await self._offer_team(team)
+        return out
+
+    async def _offer_team(self, team: str) -> list[Assigned]:
+        out: list[Assigned] = []
+        while await self.state.queue_size(team):
+            agent_id = await self.state.reserve(team)
             if agent_id is None:
                 break
-            head = await self.state.pop_queue()
+            head = await self.state.pop_queue(team)
             if head is None:
                 await self.state.cancel(agent_id)
                 break
@@ -819,14 +904,14 @@ class Router:
                                                      from_states=(QUEUED,))
             except Exception:
                 await self.state.cancel(agent_id)
-                await self.state.enqueue(cid, score)
+                await self.state.enqueue(cid, score, team)
                 log.exception("routing: offering %s failed; it stays queued", cid)
                 break
             if conv is None:
                 await self.state.cancel(agent_id)
                 conv_now = await self.storage.get_conversation(cid)
                 if conv_now is not None and conv_now.state == QUEUED:
-                    await self.state.enqueue(cid, score)     # not ours to drop; retry later
+                    await self.state.enqueue(cid, score, team)   # not ours to drop; retry later
                     break
                 if conv_now is not None and conv_now.state == HUMAN and conv_now.agent_id:
                     await self.state.adopt(cid, conv_now.agent_id)
