@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import KnowledgeError
+from .errors import KnowledgeError, Problem
 from .intent import IntentClassifier
 from .knowledge import Knowledge, load_knowledge
 from .knowledge_classifier import KnowledgeClassifier
@@ -38,12 +38,7 @@ class Bot:
     @classmethod
     def load(cls, spec: BotSpec, model_dir: Path | None, use_model: bool = True,
              model_threads: int = 1, seed: int | None = None) -> "Bot":
-        knowledge = load_knowledge(spec.knowledge)
-        if knowledge.bot != spec.name:
-            from .errors import Problem
-
-            raise KnowledgeError([Problem(spec.knowledge, 1, f"bot is {knowledge.bot!r} but the file is "
-                                                             f"registered for bot {spec.name!r}")])
+        knowledge = load_bot_knowledge(spec)
         classifier: IntentClassifier
         uses_model = False
         if use_model and model_dir is not None and (model_dir / "model.onnx").exists():
@@ -67,12 +62,7 @@ class Bot:
         """Reload the knowledge file; a broken file keeps the current knowledge live."""
         self._mtime = _mtime(self.spec.knowledge)
         try:
-            knowledge = load_knowledge(self.spec.knowledge)
-            if knowledge.bot != self.name:
-                from .errors import Problem
-
-                raise KnowledgeError([Problem(self.spec.knowledge, 1, f"bot is {knowledge.bot!r}, "
-                                                                      f"expected {self.name!r}")])
+            knowledge = load_bot_knowledge(self.spec)
         except KnowledgeError as exc:
             log.error("bot %s: knowledge not reloaded, the previous version stays live:\n%s", self.name, exc)
             self.last_error = exc
@@ -83,6 +73,15 @@ class Bot:
         self.last_error = None
         log.info("bot %s: knowledge reloaded from %s", self.name, self.spec.knowledge)
         return None
+
+
+def load_bot_knowledge(spec: BotSpec) -> Knowledge:
+    """The bot's knowledge file, which must declare the name the bot is registered under."""
+    knowledge = load_knowledge(spec.knowledge)
+    if knowledge.bot != spec.name:
+        raise KnowledgeError([Problem(spec.knowledge, 1, f"bot is {knowledge.bot!r} but the file is "
+                                                         f"registered for bot {spec.name!r}")])
+    return knowledge
 
 
 def knowledge_classifier(knowledge: Knowledge) -> KnowledgeClassifier:

@@ -66,8 +66,7 @@ def should_handoff(message: Message, bot: Any, context: Any, classification: Cla
     if phrase:
         return Handoff("asked", phrase)
     rules = kn.handoff
-    understood = classification.in_scope and classification.confidence >= rules.min_confidence
-    if understood and classification.intent in rules.intents:
+    if rules.understood(classification) and classification.intent in rules.intents:
         return Handoff("intent", classification.intent or "")
     if rules.max_misunderstood and context.counters.get("misunderstood", 0) >= rules.max_misunderstood:
         return Handoff("misunderstood", f"{context.counters['misunderstood']} turns not understood")

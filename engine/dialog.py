@@ -158,8 +158,7 @@ class Engine:
         classification: Classification = await self._call("classify_intent", message=message, **kw)
         if classification is None:
             classification = Classification((), in_scope=False, source="fallback")
-        rules = bot.knowledge.handoff
-        understood = classification.in_scope and classification.confidence >= rules.min_confidence
+        understood = bot.knowledge.handoff.understood(classification)
         misunderstood = 0 if understood else context.counters.get("misunderstood", 0) + 1
         context.counters["misunderstood"] = misunderstood
         context.counters["turns"] = context.counters.get("turns", 0) + 1

@@ -62,6 +62,11 @@ class HandoffRules:
     intents: tuple[str, ...] = ()
     phrases: tuple[str, ...] = ()
 
+    def understood(self, classification: Any) -> bool:
+        """A turn is understood when its best guess is in scope (the classifier's
+        out-of-scope threshold) and at least ``min_confidence``."""
+        return bool(classification.in_scope and classification.confidence >= self.min_confidence)
+
 
 @dataclass(frozen=True)
 class DelaySettings:

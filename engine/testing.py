@@ -48,7 +48,7 @@ class SyncEngine:
         return getattr(self.engine, name)
 
 
-def test_config(**engine_settings: Any):
+def testing_config(**engine_settings: Any):
     """Config for tests: no delays, no trained models, no file watching."""
     settings = {"delays": False, "use_models": False, "watch_knowledge": False, "seed": 0}
     settings.update(engine_settings)
@@ -58,4 +58,4 @@ def test_config(**engine_settings: Any):
 
 
 def engine_for(plugins: Iterable[object] = (), load_entrypoints: bool = True, **engine_settings: Any) -> SyncEngine:
-    return SyncEngine(Engine(test_config(**engine_settings), plugins=plugins, load_entrypoints=load_entrypoints))
+    return SyncEngine(Engine(testing_config(**engine_settings), plugins=plugins, load_entrypoints=load_entrypoints))

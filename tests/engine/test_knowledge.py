@@ -156,13 +156,13 @@ async def test_the_watch_task_reloads_a_changed_file(tmp_path):
     import os
 
     from engine import Engine
-    from engine.testing import test_config
+    from engine.testing import testing_config
 
     from .conftest import MiniBot
 
     path = tmp_path / "mini.yaml"
     path.write_text(MINI.read_text())
-    engine = await Engine(test_config(watch_interval_s=0.01), plugins=[MiniBot(path)],
+    engine = await Engine(testing_config(watch_interval_s=0.01), plugins=[MiniBot(path)],
                           load_entrypoints=False).start()
     reloaded = asyncio.Event()
     bot = engine.bot("mini")
