@@ -96,7 +96,7 @@ class OnnxIntentClassifier(IntentClassifier):
         self._starts = None
         if bank is not None:
             counts = np.asarray(knn["counts"], dtype=np.int64)
-            self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            self._starts = starts_of(counts)
         self._max_batch = max_batch
         self._max_wait_ms = max_wait_ms
         self._batcher = None
@@ -112,7 +112,6 @@ class OnnxIntentClassifier(IntentClassifier):
         several workers; raise it for one big batch job).
         """
         import onnxruntime as ort
-        from tokenizers import Tokenizer
 
         folder = Path(path)
         if not folder.is_dir():
@@ -123,12 +122,7 @@ class OnnxIntentClassifier(IntentClassifier):
             if not p.is_file():
                 raise ModelError(f"{p}: missing (the model folder must hold {model_file}, "
                                  f"{TOKENIZER_FILE} and {LABELS_FILE}; run `kefu train`)")
-        try:
-            tokenizer = Tokenizer.from_file(str(tok_path))
-        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-            raise ModelError(f"{tok_path}: not a valid tokenizers file ({e})") from e
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(int(meta.get("max_length", 64)))
+        tokenizer = load_tokenizer(tok_path, int(meta.get("max_length", 64)))
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(threads))
@@ -150,30 +144,7 @@ class OnnxIntentClassifier(IntentClassifier):
     # ------------------------------------------------------------------ inference
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Raw (logits, embedding) for ``texts`` in their order; batches sorted by length."""
-        n = len(texts)
-        if n == 0:
-            return np.zeros((0, len(self.labels)), np.float32), np.zeros((0, 0), np.float32)
-        encs = self._tokenizer.encode_batch([str(t) for t in texts]) if n > 1 else \
-            [self._tokenizer.encode(str(texts[0]))]
-        ids = [e.ids for e in encs]
-        order = sorted(range(n), key=lambda i: len(ids[i]))
-        logits_parts, emb_parts = [], []
-        for s in range(0, n, CHUNK):
-            chunk = order[s:s + CHUNK]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = np.zeros((len(chunk), width), np.int64)
-            mask = np.zeros((len(chunk), width), np.int64)
-            for row, i in enumerate(chunk):
-                input_ids[row, :len(ids[i])] = ids[i]
-                mask[row, :len(ids[i])] = 1
-            logits, emb = self._session.run(None, {"input_ids": input_ids, "attention_mask": mask})
-            logits_parts.append(logits)
-            emb_parts.append(emb)
-        logits = np.concatenate(logits_parts)
-        emb = np.concatenate(emb_parts)
-        inverse = np.empty(n, np.int64)
-        inverse[order] = np.arange(n)
-        return logits[inverse], emb[inverse]
+        return encode_texts(self._session, self._tokenizer, texts, len(self.labels))
 
     def scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(confidence per label, out-of-scope score) arrays: what predict_batch ranks."""
@@ -215,6 +186,54 @@ class OnnxIntentClassifier(IntentClassifier):
             if self._batcher is not None:
                 self._batcher.close()
                 self._batcher = None
+
+
+# ---------------------------------------------------------------------- shared with training
+def load_tokenizer(path: Path, max_length: int) -> Any:
+    """A fast tokenizer as training and serving both use it: no padding (batches are
+    padded to their own longest text), truncation at ``max_length``."""
+    from tokenizers import Tokenizer
+
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise ModelError(f"{path}: not a valid tokenizers file ({e})") from e
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+def encode_texts(session: Any, tokenizer: Any, texts: Sequence[str],
+                 n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run an (int8 or fp32) model session: (logits, embedding) for ``texts`` in their
+    order, in chunks sorted by length so each is padded only to its own longest text.
+    Export's agreement checks call this too, so they test exactly what serving runs."""
+    n = len(texts)
+    if n == 0:
+        return np.zeros((0, n_labels), np.float32), np.zeros((0, 0), np.float32)
+    encs = tokenizer.encode_batch([str(t) for t in texts]) if n > 1 else [tokenizer.encode(str(texts[0]))]
+    ids = [e.ids for e in encs]
+    order = sorted(range(n), key=lambda i: len(ids[i]))
+    logits_parts, emb_parts = [], []
+    for s in range(0, n, CHUNK):
+        chunk = order[s:s + CHUNK]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = np.zeros((len(chunk), width), np.int64)
+        mask = np.zeros((len(chunk), width), np.int64)
+        for row, i in enumerate(chunk):
+            input_ids[row, :len(ids[i])] = ids[i]
+            mask[row, :len(ids[i])] = 1
+        logits, emb = session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+        logits_parts.append(logits)
+        emb_parts.append(emb)
+    inverse = np.empty(n, np.int64)
+    inverse[order] = np.arange(n)
+    return np.concatenate(logits_parts)[inverse], np.concatenate(emb_parts)[inverse]
+
+
+def starts_of(counts: Sequence[int]) -> np.ndarray:
+    """Offsets of each label's first prototype in the bank (prototypes grouped by label)."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
 # ---------------------------------------------------------------------- validation

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from engine.onnx_intent import OOS_SCORES, combine_scores, knn_label_scores
+from engine.onnx_intent import OOS_SCORES, combine_scores, knn_label_scores, starts_of
 
 MIX_GRID = (0.0, 0.25, 0.5, 0.75)
 TEMPERATURE = 0.05
@@ -45,9 +45,6 @@ def build_bank(emb: np.ndarray, labels: Sequence[str], order: Sequence[str], max
         counts.append(len(e))
     return np.concatenate(rows), counts
 
-
-def starts_of(counts: Sequence[int]) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
 @dataclass

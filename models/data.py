@@ -11,7 +11,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 from engine.errors import KnowledgeError, ModelError
 from engine.knowledge import load_knowledge

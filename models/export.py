@@ -101,21 +101,15 @@ def quantize_int8(src: Path, dst: Path) -> Path:
 
 
 def run_onnx(path: Path, tokenizer: Any, texts: Sequence[str], threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, embedding) of an exported model, through the very code serving runs."""
     import onnxruntime as ort
+
+    from engine.onnx_intent import encode_texts
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or os.cpu_count() or 1
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    ids = [e.ids for e in tokenizer.encode_batch(list(texts))]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    outs_l, outs_e = [None] * len(ids), [None] * len(ids)
-    for s in range(0, len(order), 64):
-        chunk = order[s:s + 64]
-        input_ids, mask = pad_batch([ids[i] for i in chunk])
-        lg, em = sess.run(None, {"input_ids": input_ids.numpy(), "attention_mask": mask.numpy()})
-        for r, i in enumerate(chunk):
-            outs_l[i], outs_e[i] = lg[r], em[r]
-    return np.stack(outs_l), np.stack(outs_e)
+    return encode_texts(sess, tokenizer, texts, sess.get_outputs()[0].shape[-1] or 0)
 
 
 def export_model(model: IntentNet, tokenizer: Any, labels: Sequence[str], out_dir: Path,

@@ -90,18 +90,14 @@ class IntentNet(nn.Module):
 
 
 def load_tokenizer(base: Path, max_length: int):
-    from tokenizers import Tokenizer
+    """The base model's tokenizer, configured exactly as serving configures it."""
+    from engine.onnx_intent import load_tokenizer as serving_tokenizer
 
     path = base / "tokenizer.json"
     if not path.is_file():
         raise ModelError(f"{path}: missing; the base model folder needs a fast-tokenizer tokenizer.json")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:
-        raise ModelError(f"{path}: not a valid tokenizers file ({e})") from e
-    tok.no_padding()  # the bundled file pads every text to 128 tokens; we pad per batch instead
-    tok.enable_truncation(max_length)
-    return tok
+    # The bundled file pads every text to 128 tokens; serving's loader turns that off.
+    return serving_tokenizer(path, max_length)
 
 
 def load_encoder(base: Path) -> nn.Module:
