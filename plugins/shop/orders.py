@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import unicodedata
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -31,7 +32,7 @@ DIGITS = 5
 
 ORDERS_FILE = Path(__file__).with_name("orders.json")
 
-_DIGITS = rf"(\d{{{DIGITS}}})(?!\d)"
+_DIGITS = rf"([0-9]{{{DIGITS}}})(?![0-9])"
 #: A number with something saying it is an order number.
 _PREFIXED = re.compile(
     rf"""(?<![\w-])(?:
@@ -57,6 +58,7 @@ def find_order_number(text: str, *, awaiting: bool = False) -> str | None:
     :param awaiting: the bot has just asked for an order number, so a bare five-digit
         number counts too.
     """
+    text = _fold(text)
     match = _PREFIXED.search(text)
     if match:
         digits = next(group for group in match.groups() if group)
@@ -72,9 +74,15 @@ def is_only_order_number(text: str) -> bool:
     """True when ``text`` is an order number and nothing more than filler words
     ("it's KF-10023", "order 10023 please"): the visitor is answering "what's your
     order number?" rather than asking something new."""
-    rest = _BARE.sub(" ", _PREFIXED.sub(" ", text))
+    rest = _BARE.sub(" ", _PREFIXED.sub(" ", _fold(text)))
     words = re.findall(r"[a-z']+", rest.lower())
     return all(word in _FILLER for word in words)
+
+
+def _fold(text: str) -> str:
+    """Fold full-width forms ("ＫＦ－１００２３") to ASCII, keeping "#" and "-" (which the
+    engine's normalisation would drop): phone keyboards often type full-width digits."""
+    return unicodedata.normalize("NFKC", text)
 
 
 class OrderFileError(ValueError):

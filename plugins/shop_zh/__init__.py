@@ -57,11 +57,7 @@ def answer(message: Any, bot: Any, context: Any, classification: Classification)
     """Answer an order-status question for a known order number with its status."""
     if bot.name != BOT or classification.intent not in _ORDER_INTENTS:
         return None
-    number, _ = _find_order_number(message.normalized)
-    if number is not None:
-        context.slots["order_id"] = number
-    else:
-        number = context.slots.get("order_id")
+    number = context.slots.get("order_id")  # classify_intent put this turn's number there
     if not number:
         return None  # no number yet: the knowledge base's answer asks for one
     order = load_orders().get(number)
@@ -81,5 +77,12 @@ def _find_order_number(text: str) -> tuple[str | None, str]:
 @lru_cache(maxsize=1)
 def load_orders() -> dict[str, dict[str, str]]:
     """The sample orders, keyed by order number (keys starting with "_" are comments)."""
-    data = json.loads(ORDERS_FILE.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(ORDERS_FILE.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{ORDERS_FILE}: cannot read the order file: {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{ORDERS_FILE}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{ORDERS_FILE}: expected an object of order number -> order")
     return {k: v for k, v in data.items() if not k.startswith("_")}

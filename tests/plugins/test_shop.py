@@ -283,3 +283,11 @@ def test_broken_order_file_is_logged_and_the_visitor_gets_a_fallback(eng, tmp_pa
 def test_missing_order_file_is_a_clear_error(tmp_path):
     with pytest.raises(OrderFileError, match="cannot read the order file"):
         OrderBook(tmp_path / "nope.json").get("KF-10001")
+
+
+def test_full_width_order_numbers_are_read_as_ascii():
+    from plugins.shop.orders import find_order_number, is_only_order_number
+
+    assert find_order_number("where is ＫＦ－１００２３?") == "KF-10023"
+    assert find_order_number("order １００２３") == "KF-10023"
+    assert is_only_order_number("ＫＦ－１００２３ please")
