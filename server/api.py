@@ -8,6 +8,7 @@ agent's read of another team's queued conversation also writes an audit entry).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 from pathlib import Path
@@ -19,7 +20,7 @@ from sanic.response import HTTPResponse, json as json_response, text as text_res
 
 from .audit import audit
 from .auth import check_identity, hash_password, new_visitor_id, verify_password
-from .chat import conversation_dict
+from .chat import agent_dict, conversation_dict
 from .errors import BadRequest, NotFound, RateLimited, Unauthorized
 from .storage.base import QUEUED, Agent, Conversation
 from .ws import client_ip
@@ -96,14 +97,14 @@ def _int_arg(request: Request, name: str, default: int | None, maximum: int | No
     return min(value, maximum) if maximum else value
 
 
-def agent_dict(agent: Agent, router: Any = None) -> dict[str, Any]:
-    out = {"id": agent.id, "username": agent.username, "display_name": agent.display_name,
-           "capacity": agent.capacity, "team": agent.team}
-    if router is not None:
-        info = {a.agent_id: a for a in router.agents()} if hasattr(router, "agents") else {}
+def agents_with_presence(agents: list[Agent], router: Any) -> list[dict[str, Any]]:
+    """Each agent's account fields plus presence and load from the router (read once)."""
+    info = {a.agent_id: a for a in router.agents()}
+    out = []
+    for agent in agents:
         a = info.get(agent.id)
-        out["presence"] = getattr(a, "status", "offline") if a and getattr(a, "sockets", 0) else "offline"
-        out["load"] = router.load(agent.id)
+        out.append({**agent_dict(agent), "presence": a.status if a and a.sockets else "offline",
+                    "load": a.load if a else 0})
     return out
 
 
@@ -226,14 +227,14 @@ async def get_messages(request: Request, conversation_id: str) -> HTTPResponse:
 async def list_agents(request: Request) -> HTTPResponse:
     me = await agent_of(request)
     ctx = request.app.ctx
-    return json_response({"agents": [agent_dict(a, ctx.router) for a in await ctx.storage.list_agents()],
+    return json_response({"agents": agents_with_presence(await ctx.storage.list_agents(), ctx.router),
                           "queue": list(ctx.router.queue(me.team))})
 
 
 @bp.get("/agents/me")
 async def me(request: Request) -> HTTPResponse:
     agent = await agent_of(request)
-    return json_response(agent_dict(agent, request.app.ctx.router))
+    return json_response(agents_with_presence([agent], request.app.ctx.router)[0])
 
 
 @bp.get("/bots")
@@ -276,10 +277,14 @@ async def reload_knowledge(request: Request) -> HTTPResponse:
     return json_response({"reloaded": status}, status=200 if all(v == "ok" for v in status.values()) else 422)
 
 
+@functools.cache
+def _openapi_text() -> str:
+    return Path(__file__).with_name("openapi.json").read_text(encoding="utf-8")
+
+
 @bp.get("/openapi.json")
 async def openapi(request: Request) -> HTTPResponse:
-    doc = (Path(__file__).with_name("openapi.json")).read_text(encoding="utf-8")
-    return HTTPResponse(doc, content_type="application/json")
+    return HTTPResponse(_openapi_text(), content_type="application/json")
 
 
 # -- operations -------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from . import protocol as P
 from .audit import audit
 from .auth import Tokens, check_identity, new_visitor_id
 from .connections import Connection, Registry, TimingWheel, WindowCounter
-from .errors import NotFound, RateLimited, Unauthorized
+from .errors import NotFound, Unauthorized
 from .metrics import Metrics
-from .storage.base import BOT, CLOSED, HUMAN, QUEUED, Conversation, Storage, StorageError, StoredMessage
+from .routing import RoutingError
+from .storage.base import BOT, CLOSED, HUMAN, QUEUED, Agent, Conversation, Storage, StorageError, StoredMessage
 
 log = logging.getLogger("kefu.server")
 
@@ -49,6 +50,12 @@ class ConvState:
     def summary(self) -> dict[str, Any]:
         return {"id": self.id, "bot": self.bot, "state": self.state, "agent": self.agent_id,
                 "last_seq": self.last_seq}
+
+
+def agent_dict(agent: Agent) -> dict[str, Any]:
+    """An agent's account as clients see it (never the password hash or token version)."""
+    return {"id": agent.id, "username": agent.username, "display_name": agent.display_name,
+            "capacity": agent.capacity, "team": agent.team}
 
 
 def conversation_dict(conv: Conversation) -> dict[str, Any]:
@@ -246,8 +253,12 @@ class Chat:
             conv = await self.storage.get_conversation(conversation_id)
             if conv is None:
                 raise NotFound("no such conversation")
-            c = self.convs.setdefault(conversation_id, ConvState(conv))
+            c = self.state_of(conv)
         return c
+
+    def state_of(self, conv: Conversation) -> ConvState:
+        """The state of a conversation whose record the caller already read."""
+        return self.convs.setdefault(conv.id, ConvState(conv))
 
     def _maybe_forget(self, cid: str) -> None:
         c = self.convs.get(cid)
@@ -325,7 +336,7 @@ class Chat:
         elif not start_new and (token is not None or identity is not None):
             recent = await self.storage.list_conversations(visitor_id=visitor_id, limit=1)
             if recent and recent[0].state != CLOSED and (bot is None or recent[0].bot == bot):
-                c = await self.conversation(recent[0].id)
+                c = self.state_of(recent[0])
         created = False
         if c is None:
             bot = bot or self.default_bot()
@@ -518,14 +529,12 @@ class Chat:
         self.wheel.schedule(conn, float(self.s["heartbeat_s"]))
         mine = await self.storage.list_conversations(agent_id=agent.id, state=HUMAN, limit=500)
         resume = frame.get("resume") if isinstance(frame.get("resume"), dict) else {}
-        conn.send({"type": "welcome", "agent": {"id": agent.id, "username": agent.username,
-                                               "display_name": agent.display_name, "capacity": agent.capacity,
-                                               "team": agent.team},
+        conn.send({"type": "welcome", "agent": agent_dict(agent),
                    "conversations": [conversation_dict(conv) for conv in mine],
                    "queue": list(self.router.queue(agent.team))})
         await self.router.agent_connected(agent.id, agent.capacity, agent.team)
         for conv in mine:
-            c = await self.conversation(conv.id)
+            c = self.state_of(conv)
             seq = resume.get(conv.id, 0)
             await self.subscribe(conn, c, seq if isinstance(seq, int) and not isinstance(seq, bool) else 0)
         await self._offer_offline()
@@ -620,8 +629,6 @@ class Chat:
                 ac.send({"type": "unassigned", "conversation": c.id, "reason": "closed"})
 
     async def _route_call(self, coro: Awaitable[Any]) -> Any:
-        from .routing import RoutingError  # the router's own error type
-
         try:
             return await coro
         except RoutingError as exc:
@@ -654,10 +661,13 @@ class Chat:
                     self.registry.unsubscribe(ac, c.id)
                     ac.send({"type": "unassigned", "conversation": c.id, "reason": "transferred",
                              "to": event.agent_id})
-            for ac in self.registry.agent_conns(event.agent_id):
+            sockets = self.registry.agent_conns(event.agent_id)
+            if sockets:
                 conv = await self.storage.get_conversation(c.id)
-                ac.send({"type": "assigned", "conversation": conversation_dict(conv) if conv else c.summary(),
-                         "previous_agent": previous})
+                assigned = {"type": "assigned", "conversation": conversation_dict(conv) if conv else c.summary(),
+                            "previous_agent": previous}
+            for ac in sockets:
+                ac.send(assigned)
                 ac.seen.pop(c.id, None)
                 await self.subscribe(ac, c, 0)   # the whole transcript, bot turns included
             text = (f"You have been transferred to {name}." if previous else f"You are now chatting with {name}.")

@@ -266,14 +266,8 @@ class Registry:
             if not subs:
                 del self.by_conversation[cid]
 
-    def agent_online(self, agent_id: str) -> bool:
-        return bool(self.by_agent.get(agent_id))
-
     def agent_conns(self, agent_id: str) -> Iterable[Connection]:
         return tuple(self.by_agent.get(agent_id, ()))
-
-    def visitor_conns(self, visitor_id: str) -> Iterable[Connection]:
-        return tuple(self.by_visitor.get(visitor_id, ()))
 
     def subscribers(self, conversation_id: str) -> Iterable[Connection]:
         return tuple(self.by_conversation.get(conversation_id, ()))
@@ -291,11 +285,6 @@ class Registry:
 
     def to_agent(self, agent_id: str, frame: dict[str, Any]) -> int:
         return sum(conn.send(frame) for conn in self.agent_conns(agent_id))
-
-    def to_agents(self, frame: dict[str, Any]) -> None:
-        for conns in list(self.by_agent.values()):
-            for conn in tuple(conns):
-                conn.send(frame)
 
 
 class TimingWheel:
