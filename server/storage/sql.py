@@ -375,8 +375,7 @@ class SqlStorage(Storage):
             raise ValueError(f"unknown role {role!r}")
         if not isinstance(text, str):
             raise TypeError("text must be a str")
-        if self._closed:
-            raise StorageError("storage is closed")
+        # A closed storage is refused by the committer (closed first thing in close()).
         return await self.committer.submit(_Append(
             conversation_id=conversation_id, role=role, sender_id=sender_id, kind=kind,
             text=text, client_id=client_id, meta=dict(meta or {}), created_at=time.time()))
@@ -491,10 +490,11 @@ class SqlStorage(Storage):
             values["capacity"] = int(capacity)
         if display_name is not None:
             values["display_name"] = display_name
+        if not values:  # nothing to write: no write transaction (on SQLite, no write lock)
+            return await self.get_agent(agent_id=agent_id)
         async with self._write() as conn:
-            if values:
-                res = await conn.execute(sa.update(_A).where(_A.c.id == agent_id).values(**values))
-                if res.rowcount != 1:
-                    return None
+            res = await conn.execute(sa.update(_A).where(_A.c.id == agent_id).values(**values))
+            if res.rowcount != 1:
+                return None
             row = (await conn.execute(sa.select(_A).where(_A.c.id == agent_id))).first()
         return _agent(row) if row is not None else None
