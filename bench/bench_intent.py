@@ -22,7 +22,6 @@ Settings come from the validation split carved from train; test.csv is only scor
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -36,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.onnx_intent import OnnxIntentClassifier  # noqa: E402
-from models.data import OOS_LABEL, Dataset, check_trainable, sample_per_intent  # noqa: E402
+from models.data import OOS_LABEL, Dataset, check_trainable, load_csv, sample_per_intent  # noqa: E402
 from models.evaluate import compute_metrics  # noqa: E402
 
 #: Removed from training in the held-out-intent protocol (every 8th intent in sorted order).
@@ -52,11 +51,8 @@ def default_data_dir() -> Path:
 
 
 def read_banking(path: Path) -> Dataset:
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or set(rows[0]) != {"text", "category"}:
-        raise SystemExit(f"{path}: expected columns text,category")
-    return Dataset(tuple(r["text"].strip() for r in rows), tuple(r["category"].strip() for r in rows), str(path))
+    """BANKING77's CSVs have the columns ``text,category``."""
+    return load_csv(path, label_column="category", allow_singletons=True)
 
 
 def score(model_dir: Path, data: Dataset, model_file: str = "model.onnx", threads: int = 2) -> dict:
@@ -93,29 +89,34 @@ def speed(model_dir: Path, texts: list[str], n_single: int = 1000) -> dict:
 
 
 def train(data: Dataset, out: Path, args: argparse.Namespace, *, seed: int = 0, epochs: int | None = None,
-          keep_fp32: bool = True) -> dict:
+          keep_fp32: bool = True, recipe: dict | None = None) -> dict:
+    """The pipeline with its defaults, or with ``recipe``'s TrainConfig fields (bench/sweep_intent.py)."""
     from models.pipeline import train_model
     from models.train import TrainConfig
 
-    config = TrainConfig(seed=seed, epochs=epochs or args.epochs, threads=args.threads, progress=not args.quiet)
+    fields = {"epochs": epochs or args.epochs, **(recipe or {})}
+    config = TrainConfig(seed=seed, threads=args.threads, progress=not args.quiet,
+                         device=getattr(args, "device", "cpu"), **fields)
     return train_model(data, out, config, keep_fp32=keep_fp32)
 
 
 def protocol_full(train_data: Dataset, test: Dataset, args: argparse.Namespace) -> dict:
     out = args.work / "full"
     t0 = time.perf_counter()
-    trained = train(train_data, out, args, seed=args.seed)
+    trained = train(train_data, out, args, seed=args.seed, recipe=getattr(args, "recipe", None))
     int8 = score(out, test)
     fp32 = score(out, test, "model.fp32.onnx")
     res = {"train_seconds": trained["train_seconds"], "pipeline_seconds": time.perf_counter() - t0,
            "best_epoch": trained["best_epoch"], "epochs": len(trained["history"]),
+           "recipe": getattr(args, "recipe", None),
            "calibration": trained["calibration"], "validation": trained.get("validation"),
            "int8": {k: int8[k] for k in ("accuracy", "macro_f1", "n")},
            "fp32": {k: fp32[k] for k in ("accuracy", "macro_f1", "n")},
            "int8_minus_fp32_points": 100 * (int8["accuracy"] - fp32["accuracy"]),
            "model_bytes": (out / "model.onnx").stat().st_size,
            "folder_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name != "model.fp32.onnx")}
-    res["speed"] = speed(out, list(test.texts))
+    if not getattr(args, "skip_speed", False):
+        res["speed"] = speed(out, list(test.texts))
     return res
 
 
@@ -124,7 +125,8 @@ def protocol_heldout(train_data: Dataset, test: Dataset, args: argparse.Namespac
     missing = set(HELDOUT) - set(train_data.labels)
     if missing:
         raise SystemExit(f"held-out intents missing from the data: {sorted(missing)}")
-    trained = train(train_data.without(HELDOUT), out, args, seed=args.seed, keep_fp32=False)
+    trained = train(train_data.without(HELDOUT), out, args, seed=args.seed, keep_fp32=False,
+                    recipe=getattr(args, "recipe", None))
     labels = tuple(OOS_LABEL if y in HELDOUT else y for y in test.labels)
     m = score(out, Dataset(test.texts, labels, test.source))
     return {"heldout_intents": list(HELDOUT), "calibration": trained["calibration"],
@@ -140,13 +142,15 @@ def protocol_fewshot(train_data: Dataset, test: Dataset, args: argparse.Namespac
         sub = sample_per_intent(train_data, args.shots, seed)
         check_trainable(sub)
         out = args.work / f"fewshot-{seed}"
-        trained = train(sub, out, args, seed=seed, epochs=args.fewshot_epochs, keep_fp32=False)
+        trained = train(sub, out, args, seed=seed, epochs=args.fewshot_epochs, keep_fp32=False,
+                        recipe=getattr(args, "fewshot_recipe", None))
         m = score(out, test)
         runs.append({"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                      "train_seconds": trained["train_seconds"], "best_epoch": trained["best_epoch"]})
         print(f"  few-shot seed {seed}: accuracy {m['accuracy']:.4f}", flush=True)
     accs = [r["accuracy"] for r in runs]
     return {"shots": args.shots, "seeds": list(args.fewshot_seeds), "runs": runs,
+            "recipe": getattr(args, "fewshot_recipe", None),
             "accuracy_mean": statistics.mean(accs), "accuracy_stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "accuracy_min": min(accs), "accuracy_max": max(accs)}
 
@@ -159,15 +163,14 @@ def table(results: dict) -> str:
     rows = []
     if "full" in results:
         f = results["full"]
-        s = f["speed"]
         rows += [("int8 test accuracy", f"{100 * f['int8']['accuracy']:.2f}%"),
                  ("int8 test macro-F1", f"{100 * f['int8']['macro_f1']:.2f}%"),
                  ("fp32 test accuracy", f"{100 * f['fp32']['accuracy']:.2f}%"),
                  ("int8 - fp32", f"{f['int8_minus_fp32_points']:+.2f} points"),
                  ("model.onnx size", f"{f['model_bytes'] / 1e6:.1f} MB"),
                  ("training time", f"{f['train_seconds']:.0f} s ({f['epochs']} epochs, best {f['best_epoch']})")]
-    if "speed" in results or "full" in results:
-        s = results.get("speed") or results["full"]["speed"]
+    s = results.get("speed") or results.get("full", {}).get("speed")
+    if s:
         rows += [("single query p50 / p99 (1 thread)", f"{s['single_p50_ms']:.2f} / {s['single_p99_ms']:.2f} ms"),
                  ("batched throughput (2 threads)", f"{s['batched_qps_2threads']:.0f} queries/s")]
     if "heldout" in results:
@@ -193,9 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, help="epochs for full/heldout (default: the pipeline's auto rule)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch training threads (default: all)")
+    p.add_argument("--device", default="cpu", help="torch training device, e.g. cuda (export and scoring stay on CPU)")
     p.add_argument("--shots", type=int, default=10)
     p.add_argument("--fewshot-seeds", type=int, nargs="+", default=list(FEWSHOT_SEEDS))
     p.add_argument("--fewshot-epochs", type=int, default=20)
+    p.add_argument("--recipe", type=json.loads, help="JSON TrainConfig fields for full/heldout, e.g. the one "
+                   "bench/sweep_intent.py chose (default: the pipeline's defaults)")
+    p.add_argument("--fewshot-recipe", type=json.loads, help="JSON TrainConfig fields for fewshot")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 

@@ -25,12 +25,16 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--epochs", type=int, help="default: about 2000 optimizer steps, 4 to 40 epochs")
     t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--lr", type=float, help="learning rate of the head and top layer (default: 1e-4)")
+    t.add_argument("--layer-decay", type=float, help="each lower layer's rate is this times the one above "
+                                                     "(default: 0.85)")
+    t.add_argument("--label-smoothing", type=float, help="default: 0.1")
     t.add_argument("--max-length", type=int, default=64, help="tokens per text (truncation)")
     t.add_argument("--patience", type=int, default=8,
                    help="stop after this many epochs without a better validation score (0: never)")
     t.add_argument("--val-fraction", type=float, default=0.1, help="held-out share of each intent")
     t.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    t.add_argument("--device", default="cpu", help="torch device for training, e.g. cuda (default: cpu)")
     t.add_argument("--oos-score", choices=("knn_cosine", "max_prob"), default="knn_cosine",
                    help="score the out-of-scope threshold applies to (docs/model.md)")
     t.add_argument("--no-fp32", action="store_true", help="do not keep model.fp32.onnx beside model.onnx")
@@ -66,10 +70,13 @@ def run_train(args: argparse.Namespace) -> int:
         from .pipeline import train_model
         from .train import TrainConfig
 
+        # Flags left out keep TrainConfig's defaults (one place for them).
+        tuned = {k: v for k, v in (("lr", args.lr), ("layer_decay", args.layer_decay),
+                                   ("label_smoothing", args.label_smoothing)) if v is not None}
         config = TrainConfig(base=str(args.base) if args.base else None, epochs=args.epochs, seed=args.seed,
-                             batch_size=args.batch_size, lr=args.lr, max_length=args.max_length,
+                             batch_size=args.batch_size, max_length=args.max_length,
                              val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet,
-                             patience=args.patience)
+                             patience=args.patience, device=args.device, **tuned)
         result = train_model(data, out, config, keep_fp32=not args.no_fp32, oos_score=args.oos_score)
     except ModelError as e:
         print(f"kefu train: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ texts), failing with ModelError beyond them:
 """
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ INT8_MIN_AGREEMENT = 0.97
 INT8_MAX_CONFIDENT_FLIPS = 0.01
 OPSET = 17
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class ExportReport:
@@ -45,6 +48,7 @@ class ExportReport:
     n_checked: int
     fp32_bytes: int
     int8_bytes: int
+    fused_attention_layers: int = 0   # Attention nodes after fusion; 0 = unfused (slower serving)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -87,6 +91,12 @@ def fuse(src: Path, dst: Path, *, num_heads: int, hidden_size: int) -> Path:
     _set_metadata(opt.model, **metadata)
     opt.save_model_to_file(str(dst))
     return dst
+
+
+def count_ops(path: Path, op_type: str) -> int:
+    import onnx
+
+    return sum(node.op_type == op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def quantize_int8(src: Path, dst: Path) -> Path:
@@ -146,8 +156,14 @@ def export_model(model: IntentNet, tokenizer: Any, labels: Sequence[str], out_di
         raise ModelError(f"{int8}: int8 model disagrees with fp32 beyond tolerance: {flips} top-1 changes "
                          f"with an fp32 margin >= {INT8_MARGIN} (allowed {allowed} of {len(check_texts)}), "
                          f"top-1 agreement {agreement:.4f} (required {INT8_MIN_AGREEMENT} from 200 texts)")
+    fused = count_ops(fp32, "Attention")
+    if fused < cfg.num_hidden_layers:
+        # Same maths, but each query costs about 1.8x (measured: docs/model.md); the optimizer's
+        # patterns depend on the torch/transformers/onnxruntime versions of the [train] extra.
+        log.warning("%s: ONNX Runtime fused attention in %d of %d layers; serving will be slower",
+                    fp32, fused, cfg.num_hidden_layers)
     report = ExportReport(float(logit_diff.max()), emb_diff, agreement, flips, float(np.abs(p32 - p8).max()),
-                          len(check_texts), fp32.stat().st_size, int8.stat().st_size)
+                          len(check_texts), fp32.stat().st_size, int8.stat().st_size, fused)
     if not keep_fp32:
         fp32.unlink()
     return report

@@ -8,7 +8,6 @@ held-out validation split scored after every epoch and the best epoch's weights 
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -56,6 +55,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     seed: int = 0
     threads: int | None = None       # torch CPU threads; None = all cores
+    device: str = "cpu"              # torch device for training ("cuda" where one exists); export is always on CPU
     progress: bool = True
     # Stop after this many epochs without a better validation score (0: never).  Small
     # bots get up to 40 epochs by the step rule, but their best epoch comes much earlier
@@ -153,6 +153,16 @@ def layerwise_param_groups(model: IntentNet, lr: float, decay: float, weight_dec
     return [{"params": ps, "lr": g_lr, "weight_decay": wd} for (g_lr, wd), ps in groups.items()]
 
 
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ModelError(f"--device {name!r}: not a torch device ({e})") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {name!r}: this torch build sees no CUDA device")
+    return device
+
+
 @dataclass
 class FitResult:
     model: IntentNet
@@ -173,17 +183,18 @@ def seed_everything(seed: int) -> None:
 
 @torch.no_grad()
 def predict_logits(model: IntentNet, tokenizer: Any, texts: Sequence[str], batch_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, embeddings) in the texts' order, batched by length."""
+    """(logits, embeddings) in the texts' order, batched by length, on the model's device."""
     model.eval()
+    device = model.head.weight.device
     ids = [e.ids for e in tokenizer.encode_batch(list(texts))]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     logits = np.zeros((len(ids), model.head.out_features), np.float32)
     embs = np.zeros((len(ids), model.head.in_features), np.float32)
     for s in range(0, len(order), batch_size):
         chunk = order[s:s + batch_size]
-        lg, em = model(*pad_batch([ids[i] for i in chunk]))
-        logits[chunk] = lg.numpy()
-        embs[chunk] = em.numpy()
+        lg, em = model(*(t.to(device) for t in pad_batch([ids[i] for i in chunk])))
+        logits[chunk] = lg.float().cpu().numpy()
+        embs[chunk] = em.float().cpu().numpy()
     return logits, embs
 
 
@@ -200,10 +211,11 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
     labels = train.intents
     index = {y: i for i, y in enumerate(labels)}
     encoder = load_encoder(base)
-    model = IntentNet(encoder, len(labels), config.dropout)
+    device = _device(config.device)
+    model = IntentNet(encoder, len(labels), config.dropout).to(device)
 
     ids = [e.ids for e in tokenizer.encode_batch(list(train.texts))]
-    y = torch.tensor([index[label] for label in train.labels], dtype=torch.long)
+    y = torch.tensor([index[label] for label in train.labels], dtype=torch.long, device=device)
     val_ids = val_y = None
     if val is not None and len(val):
         unknown = sorted(set(val.labels) - set(labels))
@@ -237,7 +249,7 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
                      desc=f"epoch {epoch}", disable=not config.progress, leave=False)
         for batch in steps:
             input_ids, mask = pad_batch([ids[i] for i in batch])
-            logits, _ = model(input_ids, mask)
+            logits, _ = model(input_ids.to(device), mask.to(device))
             loss = loss_fn(logits, y[batch])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -254,7 +266,8 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
             row["val_loss"] = float(nn.functional.cross_entropy(torch.from_numpy(vl), torch.from_numpy(val_y)))
             key = (row["val_accuracy"], -row["val_loss"])
             if best is None or key > best:
-                best, best_state, result.best_epoch = key, copy.deepcopy(model.state_dict()), epoch
+                best, result.best_epoch = key, epoch
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             bar.set_postfix(val_acc=f"{row['val_accuracy']:.4f}")
         result.history.append(row)
         if on_epoch:
@@ -266,6 +279,6 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
         model.load_state_dict(best_state)
     else:
         result.best_epoch = epochs
-    model.eval()
+    model.cpu().eval()  # export, calibration and serving run on the CPU
     result.seconds = time.perf_counter() - t0
     return result

@@ -7,7 +7,7 @@ import pytest
 from engine.onnx_intent import OnnxIntentClassifier
 from models.data import tiny_dataset
 
-from .conftest import cli
+from .conftest import TINY_ARGS, cli
 
 
 def test_train_writes_the_model_folder(trained):
@@ -44,6 +44,8 @@ def test_metrics_record_epochs_export_checks_and_calibration(trained):
     assert m["best_epoch"] == 1 and len(m["history"]) == 1
     assert m["export"]["int8_confident_flips"] == 0  # under 100 texts checked: none allowed
     assert m["export"]["torch_max_logit_diff"] < 1e-3
+    # Unfused attention serves at about half the speed: a dependency upgrade must not lose it.
+    assert m["export"]["fused_attention_layers"] == 6
     assert m["calibration"]["threshold"] == json.loads((trained / "labels.json").read_text())["threshold"]
     assert 0 <= m["validation"]["accuracy"] <= 1
 
@@ -136,3 +138,43 @@ def test_export_fails_loudly_beyond_the_int8_tolerance(tmp_path, monkeypatch, ti
     monkeypatch.setattr(export, "INT8_MAX_CONFIDENT_FLIPS", -1.0)  # not even zero flips allowed
     with pytest.raises(ModelError, match="int8 model disagrees with fp32"):
         export.export_model(fitted.model, fitted.tokenizer, fitted.labels, tmp_path, list(train.texts))
+
+
+def test_train_passes_tuning_flags_and_keeps_defaults_for_the_rest(tmp_path, monkeypatch):
+    """`kefu train --lr/--layer-decay/--label-smoothing` reach TrainConfig; flags left out keep
+    TrainConfig's own defaults (the CLI has no second copy of them)."""
+    from models import pipeline
+    from models.data import write_csv
+    from models.train import TrainConfig
+
+    seen = []
+    monkeypatch.setattr(pipeline, "train_model", lambda data, out, config, **kw: seen.append(config) or {"json": 1})
+    data = write_csv(tiny_dataset(), tmp_path / "d.csv")
+    args = ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--json"]
+    assert cli(args + ["--lr", "2e-4", "--layer-decay", "0.9", "--label-smoothing", "0.2"]) == 0
+    assert cli(args) == 0
+    tuned, plain = seen
+    assert (tuned.lr, tuned.layer_decay, tuned.label_smoothing) == (2e-4, 0.9, 0.2)
+    default = TrainConfig()
+    assert (plain.lr, plain.layer_decay, plain.label_smoothing) == (default.lr, default.layer_decay,
+                                                                    default.label_smoothing)
+
+
+def test_train_refuses_a_device_torch_does_not_know(tmp_path, capsys):
+    from models.data import write_csv
+
+    data = write_csv(tiny_dataset(), tmp_path / "d.csv")
+    assert cli(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device", "abacus", *TINY_ARGS]) == 1
+    err = capsys.readouterr().err
+    assert "--device 'abacus'" in err and "not a torch device" in err
+
+
+def test_train_refuses_cuda_where_torch_sees_no_gpu(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    from models.data import write_csv
+
+    data = write_csv(tiny_dataset(), tmp_path / "d.csv")
+    assert cli(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device", "cuda", *TINY_ARGS]) == 1
+    assert "sees no CUDA device" in capsys.readouterr().err
