@@ -14,7 +14,9 @@ The recipe with the best mean wins (a smaller validation loss breaks ties); then
 Training runs on ``--device`` (a GPU makes the sweep take minutes instead of a day on two
 cores); export, int8 quantisation and scoring always run on the CPU with ONNX Runtime.
 
-    python bench/sweep_intent.py --device cuda --workers 8
+    python bench/sweep_intent.py --device cuda --workers 16 --skip-speed          # round 1
+    python bench/sweep_intent.py --device cuda --workers 16 --skip-speed --protocols full,fewshot \
+        --full-recipe '{"lr": 2e-4, "layer_decay": 0.9, "epochs": 15}' --few-recipes round2
     python bench/sweep_intent.py --only sweep          # recipes only, no test scoring
 
 Prints a table and writes bench/results/sweep-intent-<time>.json.
@@ -52,6 +54,17 @@ FEW_RECIPES = (
     {"val_fraction": 0.0, "epochs": 40, "lr": 3e-4},
     {"val_fraction": 0.0, "epochs": 60, "lr": 2e-4},
     {"val_fraction": 0.0, "epochs": 40, "lr": 5e-4, "layer_decay": 0.8},
+)
+#: Round 2 of the few-shot sweep (docs/model.md): around round 1's best, higher rates.
+FEW_RECIPES_ROUND2 = (
+    {"val_fraction": 0.0, "epochs": 40, "lr": 5e-4, "layer_decay": 0.8},
+    {"val_fraction": 0.0, "epochs": 40, "lr": 8e-4, "layer_decay": 0.8},
+    {"val_fraction": 0.0, "epochs": 40, "lr": 1e-3, "layer_decay": 0.7},
+    {"val_fraction": 0.0, "epochs": 60, "lr": 5e-4, "layer_decay": 0.8},
+    {"val_fraction": 0.0, "epochs": 40, "lr": 5e-4, "layer_decay": 0.8, "label_smoothing": 0.2},
+    {"val_fraction": 0.0, "epochs": 40, "lr": 5e-4, "layer_decay": 0.8, "dropout": 0.2},
+    {"val_fraction": 0.0, "epochs": 30, "lr": 5e-4, "layer_decay": 0.8},
+    {"val_fraction": 0.0, "epochs": 40, "lr": 5e-4, "layer_decay": 0.8, "batch_size": 16},
 )
 SPLIT_SEEDS = (0, 1)
 DEV_SEEDS = (100, 101)
@@ -251,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol-budget", type=float, help="seconds; protocols unfinished by then are dropped")
     p.add_argument("--full-recipe", type=json.loads, help="JSON TrainConfig fields: skip the full-data sweep")
     p.add_argument("--fewshot-recipe", type=json.loads, help="JSON TrainConfig fields: skip the few-shot sweep")
-    p.add_argument("--few-recipes", type=json.loads, help="JSON list of few-shot recipes to sweep instead of FEW_RECIPES")
+    p.add_argument("--few-recipes", type=lambda v: FEW_RECIPES_ROUND2 if v == "round2" else json.loads(v),
+                   help="few-shot recipes to sweep instead of FEW_RECIPES: a JSON list, or round2")
     p.add_argument("--protocols", type=lambda v: v.split(","), default=["full", "heldout", "fewshot"],
                    help="comma-separated protocols to run after the sweep")
     p.add_argument("--max-epochs", type=int, help="cap every recipe's epochs (a smoke test of this script)")
