@@ -329,7 +329,8 @@ class InMemoryRoutingState(RoutingState):
     """One process.  Eligible agents sit in one min-heap per team keyed by (load, last
     assigned, agent id); every change pushes a fresh entry and stale ones are skipped on pop
     (lazy deletion, compacted when a heap grows past a few times the number of agents).
-    The queue is one list in arrival order; each entry carries its conversation's team."""
+    The queue is one sorted list per team (score, then arrival), so size, position and pop
+    look at one team's entries only."""
 
     def __init__(self) -> None:
         self._agents: dict[str, _Agent] = {}
@@ -339,9 +340,8 @@ class InMemoryRoutingState(RoutingState):
         self._rr = itertools.count(1)
         self._versions = itertools.count(1)
         self._arrivals = itertools.count()
-        self._queue: list[tuple[float, int, str]] = []      # sorted
-        self._queued: dict[str, tuple[float, int, str]] = {}
-        self._queue_team: dict[str, str] = {}
+        self._queues: dict[str, list[tuple[float, int, str]]] = {}   # team -> sorted entries
+        self._queued: dict[str, tuple[tuple[float, int, str], str]] = {}  # conversation -> (entry, team)
 
     # -- helpers
     def _touch(self, a: _Agent) -> None:
@@ -491,48 +491,47 @@ class InMemoryRoutingState(RoutingState):
         if conversation_id in self._queued:
             return True
         key = (score, next(self._arrivals), conversation_id)
-        bisect.insort(self._queue, key)
-        self._queued[conversation_id] = key
-        self._queue_team[conversation_id] = team
+        bisect.insort(self._queues.setdefault(team, []), key)
+        self._queued[conversation_id] = (key, team)
         return True
 
     async def dequeue(self, conversation_id: str) -> bool:
         return self._unqueue(conversation_id)
 
     def _unqueue(self, conversation_id: str) -> bool:
-        key = self._queued.pop(conversation_id, None)
-        if key is None:
+        entry = self._queued.pop(conversation_id, None)
+        if entry is None:
             return False
-        self._queue_team.pop(conversation_id, None)
-        i = bisect.bisect_left(self._queue, key)
-        del self._queue[i]
+        key, team = entry
+        queue = self._queues[team]
+        del queue[bisect.bisect_left(queue, key)]
+        if not queue:
+            del self._queues[team]
         return True
 
     async def queue_size(self, team: str | None = None) -> int:
         if team is None:
-            return len(self._queue)
-        return sum(1 for t in self._queue_team.values() if t == team)
+            return len(self._queued)
+        return len(self._queues.get(team, ()))
 
     async def pop_queue(self, team: str = DEFAULT_TEAM) -> tuple[str, float] | None:
-        for i, (score, _, cid) in enumerate(self._queue):
-            if self._queue_team.get(cid, DEFAULT_TEAM) == team:
-                del self._queue[i]
-                del self._queued[cid]
-                self._queue_team.pop(cid, None)
-                return cid, score
-        return None
+        queue = self._queues.get(team)
+        if not queue:
+            return None
+        score, _, cid = queue[0]
+        self._unqueue(cid)
+        return cid, score
 
     async def position(self, conversation_id: str) -> int | None:
-        key = self._queued.get(conversation_id)
-        if key is None:
+        entry = self._queued.get(conversation_id)
+        if entry is None:
             return None
-        team = self._queue_team.get(conversation_id, DEFAULT_TEAM)
-        i = bisect.bisect_left(self._queue, key)
-        return 1 + sum(1 for _, _, cid in self._queue[:i]
-                       if self._queue_team.get(cid, DEFAULT_TEAM) == team)
+        key, team = entry
+        return 1 + bisect.bisect_left(self._queues[team], key)
 
     async def queue_teams(self) -> list[str]:
-        return list(dict.fromkeys(self._queue_team.get(cid, DEFAULT_TEAM) for _, _, cid in self._queue))
+        """Teams with queued conversations, the team whose head entry sorts first first."""
+        return [team for team, queue in sorted(self._queues.items(), key=lambda tq: tq[1][0])]
 
     # -- snapshots
     def load(self, agent_id: str) -> int:
@@ -540,8 +539,8 @@ class InMemoryRoutingState(RoutingState):
         return a.load if a else 0
 
     def queue_ids(self, team: str | None = None) -> list[str]:
-        return [cid for _, _, cid in self._queue
-                if team is None or self._queue_team.get(cid, DEFAULT_TEAM) == team]
+        queues = self._queues.values() if team is None else [self._queues.get(team, [])]
+        return [cid for _, _, cid in heapq.merge(*queues)]
 
     def team(self, agent_id: str) -> str | None:
         a = self._agents.get(agent_id)

@@ -504,3 +504,24 @@ async def test_inmemory_state_heap_stays_bounded():
         await st.commit(f"c{i}", "a")
         await st.unbind(f"c{i}")
     assert len(st._heap) <= 4 * 1 + 32 + 1
+
+
+async def test_inmemory_queue_keeps_each_team_in_order_and_counts_positions_per_team():
+    """Rule: a conversation's queue position counts only its own team's entries (score, then
+    arrival); popping a team never takes another team's conversation."""
+    st = InMemoryRoutingState()
+    for cid, score, team in (("s1", 1.0, "sales"), ("d1", 2.0, "default"), ("s2", 3.0, "sales"),
+                             ("d2", 0.5, "default"), ("s3", 3.0, "sales")):
+        assert await st.enqueue(cid, score, team)
+    assert await st.enqueue("s1", 9.0, "sales")  # already queued: unchanged
+    assert await st.queue_size() == 5 and await st.queue_size("sales") == 3 and await st.queue_size("vip") == 0
+    assert [await st.position(c) for c in ("s1", "s2", "s3", "d2", "d1")] == [1, 2, 3, 1, 2]
+    assert st.queue_ids("sales") == ["s1", "s2", "s3"]           # equal scores: arrival order
+    assert st.queue_ids() == ["d2", "s1", "d1", "s2", "s3"]       # all teams, merged by score
+    assert await st.queue_teams() == ["default", "sales"]          # the head that sorts first first
+    assert await st.dequeue("s2") and not await st.dequeue("s2")
+    assert await st.position("s3") == 2
+    assert await st.pop_queue("sales") == ("s1", 1.0)
+    assert await st.pop_queue("sales") == ("s3", 3.0)
+    assert await st.pop_queue("sales") is None and await st.position("s3") is None
+    assert await st.queue_teams() == ["default"] and await st.queue_size() == 2
