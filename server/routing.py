@@ -39,6 +39,7 @@ import logging
 import math
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 ONLINE, AWAY = "online", "away"
 DEFAULT_TEAM = "default"
 PRESENCES = (ONLINE, AWAY)
+TEAM_CACHE_SIZE = 10_000   # conversations whose team Router.team_of keeps in memory
 
 
 # --------------------------------------------------------------------------- results
@@ -568,7 +570,9 @@ class Router:
         self.storage = storage
         # a conversation's team is its bot's (``[server] bot_teams``); unlisted bots: "default"
         self.bot_teams = dict(bot_teams or {})
-        self._teams: dict[str, str] = {}
+        # conversation -> team, a bounded cache: a conversation that asks for a person and is
+        # never closed (the visitor just leaves) is never released, so a plain dict would grow.
+        self._teams: OrderedDict[str, str] = OrderedDict()
         self.grace_s = grace_s
         self.business_hours = business_hours
         self._notify_cb = notify
@@ -592,6 +596,8 @@ class Router:
             if conv is None:
                 return DEFAULT_TEAM
             team = self._teams[conversation_id] = self.team_of_bot(conv.bot)
+            if len(self._teams) > TEAM_CACHE_SIZE:
+                self._teams.popitem(last=False)
         return team
 
     def agent_team(self, agent_id: str) -> str | None:

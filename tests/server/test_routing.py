@@ -525,3 +525,16 @@ async def test_inmemory_queue_keeps_each_team_in_order_and_counts_positions_per_
     assert await st.pop_queue("sales") == ("s3", 3.0)
     assert await st.pop_queue("sales") is None and await st.position("s3") is None
     assert await st.queue_teams() == ["default"] and await st.queue_size() == 2
+
+
+async def test_team_cache_stays_bounded_and_still_answers(storage, monkeypatch):
+    """Rule: conversations that are never released (the visitor just left) do not grow the
+    router's conversation -> team cache without bound; an evicted one is read again."""
+    from server import routing
+
+    monkeypatch.setattr(routing, "TEAM_CACHE_SIZE", 3)
+    router = Router(storage, bot_teams={"shop": "sales"})
+    cids = await new_convs(storage, 6)
+    assert [await router.team_of(c) for c in cids] == ["sales"] * 6
+    assert len(router._teams) == 3
+    assert await router.team_of(cids[0]) == "sales"   # evicted earlier: read from storage again
