@@ -683,24 +683,13 @@ class Router:
         refused = await self.state.reserve_agent(agent_id, allow_away=True)
         if refused:
             raise RoutingError(refused, f"agent {agent_id}: {refused}")
-        try:
-            conv = await self.storage.transition(conversation_id, to_state=HUMAN,
-                                                 agent_id=agent_id, from_states=(QUEUED,))
-        except BaseException:
-            await self.state.cancel(agent_id)
-            raise
-        if conv is None:
+        if await self._claim(conversation_id, agent_id, (QUEUED,)) is None:
             await self._give_back(agent_id)
             current = await self._settle(conversation_id, raise_on_lost=True)
             if isinstance(current, Assigned):
                 raise RoutingError("already_assigned", f"{conversation_id} is with {current.agent_id}")
             raise RoutingError("not_queued", f"{conversation_id} is not queued")
-        await self.state.dequeue(conversation_id)
-        await self.state.commit(conversation_id, agent_id)
-        event = Assigned(conversation_id, agent_id,
-                         previous_agent=self._previous.pop(conversation_id, None))
-        await self._notify(event)
-        return event
+        return await self._assigned(conversation_id, agent_id)
 
     async def release(self, conversation_id: str) -> None:
         """The conversation was closed or returned (the caller changed its stored state):
@@ -843,18 +832,28 @@ class Router:
     async def _assign(self, conversation_id: str, agent_id: str,
                       from_states: Sequence[str]) -> Assigned | Queued:
         """Compare-and-set a reserved slot of ``agent_id`` onto the conversation."""
+        if await self._claim(conversation_id, agent_id, from_states) is None:
+            await self._give_back(agent_id)
+            return await self._settle(conversation_id, raise_on_lost=True)
+        return await self._assigned(conversation_id, agent_id)
+
+    async def _claim(self, conversation_id: str, agent_id: str,
+                     from_states: Sequence[str]) -> Conversation | None:
+        """The stored compare-and-set onto ``agent_id``'s reserved slot: the row, or None when
+        another writer won.  Storage trouble returns the slot and re-raises."""
         try:
-            conv = await self.storage.transition(conversation_id, to_state=HUMAN,
+            return await self.storage.transition(conversation_id, to_state=HUMAN,
                                                  agent_id=agent_id, from_states=from_states)
         except BaseException:
             await self.state.cancel(agent_id)
             raise
-        if conv is None:
-            await self._give_back(agent_id)
-            return await self._settle(conversation_id, raise_on_lost=True)
+
+    async def _assigned(self, conversation_id: str, agent_id: str) -> Assigned:
+        """The claim won: move routing's view (queue -> agent's load) and tell everyone."""
         await self.state.dequeue(conversation_id)
         await self.state.commit(conversation_id, agent_id)
-        event = Assigned(conversation_id, agent_id)
+        event = Assigned(conversation_id, agent_id,
+                         previous_agent=self._previous.pop(conversation_id, None))
         await self._notify(event)
         return event
 
@@ -905,10 +904,8 @@ class Router:
                 break
             cid, score = head
             try:
-                conv = await self.storage.transition(cid, to_state=HUMAN, agent_id=agent_id,
-                                                     from_states=(QUEUED,))
+                conv = await self._claim(cid, agent_id, (QUEUED,))
             except Exception:
-                await self.state.cancel(agent_id)
                 await self.state.enqueue(cid, score, team)
                 log.exception("routing: offering %s failed; it stays queued", cid)
                 break
@@ -921,8 +918,5 @@ class Router:
                 if conv_now is not None and conv_now.state == HUMAN and conv_now.agent_id:
                     await self.state.adopt(cid, conv_now.agent_id)
                 continue
-            await self.state.commit(cid, agent_id)
-            event = Assigned(cid, agent_id, previous_agent=self._previous.pop(cid, None))
-            out.append(event)
-            await self._notify(event)
+            out.append(await self._assigned(cid, agent_id))
         return out
