@@ -110,13 +110,22 @@ def _few_job(job: dict) -> dict:
     train, val = stratified_split(shots, config.val_fraction, job["dev_seed"])
     t0 = time.perf_counter()
     result = fit(train, val if len(val) else None, config)
-    logits, _ = predict_logits(result.model, result.tokenizer, dev.texts)
+    logits, emb = predict_logits(result.model, result.tokenizer, dev.texts)
     index = {y: i for i, y in enumerate(result.labels)}
     y = np.array([index[label] for label in dev.labels])
     probs = torch.softmax(torch.from_numpy(logits), 1)
     loss = float(-torch.log(probs[torch.arange(len(y)), torch.from_numpy(y)] + 1e-12).mean())
+    # Dev accuracy at each kNN mix (the pipeline's bank over the training examples; fp32 torch
+    # outputs), for bots trained without a validation split to choose a mix from.
+    from engine.onnx_intent import knn_label_scores, starts_of
+    from models.calibrate import build_bank, choose_mix
+    from models.pipeline import BANK_MAX_PER_LABEL
+
+    _, train_emb = predict_logits(result.model, result.tokenizer, train.texts)
+    bank, counts = build_bank(train_emb, train.labels, result.labels, BANK_MAX_PER_LABEL, job["dev_seed"])
+    _, by_mix = choose_mix(logits, knn_label_scores(emb, bank, starts_of(counts)), y)
     return {**job, "kind": "few", "best_epoch": result.best_epoch, "score": float((logits.argmax(1) == y).mean()),
-            "loss": loss, "seconds": time.perf_counter() - t0}
+            "loss": loss, "score_by_mix": by_mix, "seconds": time.perf_counter() - t0}
 
 
 def _run(job: dict) -> dict:
