@@ -81,6 +81,8 @@ def load_bot_knowledge(spec: BotSpec) -> Knowledge:
     if knowledge.bot != spec.name:
         raise KnowledgeError([Problem(spec.knowledge, 1, f"bot is {knowledge.bot!r} but the file is "
                                                          f"registered for bot {spec.name!r}")])
+    for warning in knowledge.warnings():
+        log.warning("%s", warning)
     return knowledge
 
 

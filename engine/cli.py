@@ -133,6 +133,8 @@ def cmd_knowledge_check(args: argparse.Namespace) -> int:
             for problem in exc.problems:
                 print(problem, file=sys.stderr)
             continue
+        for warning in kn.warnings():
+            print(warning, file=sys.stderr)
         print(f"{path}: ok (bot {kn.bot}, {len(kn.intents)} intents, {len(kn.faq)} FAQ entries)")
     return 1 if failed else 0
 

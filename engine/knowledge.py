@@ -116,6 +116,14 @@ class Knowledge:
     def intent(self, name: str) -> Intent | None:
         return self.intents.get(name)
 
+    def warnings(self) -> list[Problem]:
+        """Legal but probably unintended: an FAQ entry reporting an intent that no intent
+        defines (reports, handoff rules and plugins would count it under a name nothing else
+        uses; FAQ intents were free labels before this check, so it warns, not fails)."""
+        return [Problem(self.path, e.line, f"warning: faq entry {e.question!r} reports intent {e.intent!r}, "
+                                           "which is not defined under intents")
+                for e in self.faq if e.intent != "faq" and e.intent not in self.intents]
+
     def intent_names(self) -> list[str]:
         return list(self.intents.keys())
 

@@ -64,7 +64,7 @@ def test_knowledge_check_prints_file_line_message_and_fails(capsys, tmp_path):
     bad.write_text("bot: b\nfallback: [x]\nintents:\n  a:\n    answers: [1]\n    exmples: [typo]\n")
     code, _, err = run(capsys, "knowledge", "check", str(MINI), str(bad))
     assert code == 1
-    assert err.startswith(f"{bad}:6: unknown key 'exmples'")
+    assert any(line.startswith(f"{bad}:6: unknown key 'exmples'") for line in err.splitlines())
 
 
 def test_the_shipped_knowledge_files_are_valid(capsys):
@@ -74,6 +74,20 @@ def test_the_shipped_knowledge_files_are_valid(capsys):
     assert files
     code, _, err = run(capsys, "knowledge", "check", *files)
     assert code == 0, err
+    assert "warning" not in err, err
+
+
+def test_knowledge_check_warns_of_an_faq_intent_nothing_defines(capsys, tmp_path):
+    """Rule: an FAQ entry reporting an undefined intent (a likely typo) is a warning with
+    file:line, not a failure: such names were free labels before the check existed."""
+    kb = tmp_path / "kb.yaml"
+    kb.write_text("bot: kb\nintents:\n  refund:\n    answers: [ok]\n"
+                  "faq:\n  - q: where is my refund\n    a: on its way\n    intent: refnud\n"
+                  "  - q: refund policy\n    a: 30 days\n    intent: refund\n")
+    code, out, err = run(capsys, "knowledge", "check", str(kb))
+    assert code == 0 and "ok (bot kb" in out
+    assert err.splitlines() == [f"{kb}:6: warning: faq entry 'where is my refund' reports intent 'refnud', "
+                                "which is not defined under intents"]
 
 
 def test_bots_lists_the_demo_bots(capsys):
