@@ -95,27 +95,26 @@ def train(data: Dataset, out: Path, args: argparse.Namespace, *, seed: int = 0, 
     from models.train import TrainConfig
 
     fields = {"epochs": epochs or args.epochs, **(recipe or {})}
-    config = TrainConfig(seed=seed, threads=args.threads, progress=not args.quiet,
-                         device=getattr(args, "device", "cpu"), **fields)
+    config = TrainConfig(seed=seed, threads=args.threads, progress=not args.quiet, device=args.device, **fields)
     return train_model(data, out, config, keep_fp32=keep_fp32)
 
 
 def protocol_full(train_data: Dataset, test: Dataset, args: argparse.Namespace) -> dict:
     out = args.work / "full"
     t0 = time.perf_counter()
-    trained = train(train_data, out, args, seed=args.seed, recipe=getattr(args, "recipe", None))
+    trained = train(train_data, out, args, seed=args.seed, recipe=args.recipe)
     int8 = score(out, test)
     fp32 = score(out, test, "model.fp32.onnx")
     res = {"train_seconds": trained["train_seconds"], "pipeline_seconds": time.perf_counter() - t0,
            "best_epoch": trained["best_epoch"], "epochs": len(trained["history"]),
-           "recipe": getattr(args, "recipe", None),
+           "recipe": args.recipe,
            "calibration": trained["calibration"], "validation": trained.get("validation"),
            "int8": {k: int8[k] for k in ("accuracy", "macro_f1", "n")},
            "fp32": {k: fp32[k] for k in ("accuracy", "macro_f1", "n")},
            "int8_minus_fp32_points": 100 * (int8["accuracy"] - fp32["accuracy"]),
            "model_bytes": (out / "model.onnx").stat().st_size,
            "folder_bytes": sum(p.stat().st_size for p in out.iterdir() if p.is_file() and p.name != "model.fp32.onnx")}
-    if not getattr(args, "skip_speed", False):
+    if not args.skip_speed:
         res["speed"] = speed(out, list(test.texts))
     return res
 
@@ -126,7 +125,7 @@ def protocol_heldout(train_data: Dataset, test: Dataset, args: argparse.Namespac
     if missing:
         raise SystemExit(f"held-out intents missing from the data: {sorted(missing)}")
     trained = train(train_data.without(HELDOUT), out, args, seed=args.seed, keep_fp32=False,
-                    recipe=getattr(args, "recipe", None))
+                    recipe=args.recipe)
     labels = tuple(OOS_LABEL if y in HELDOUT else y for y in test.labels)
     m = score(out, Dataset(test.texts, labels, test.source))
     return {"heldout_intents": list(HELDOUT), "calibration": trained["calibration"],
@@ -143,14 +142,18 @@ def protocol_fewshot(train_data: Dataset, test: Dataset, args: argparse.Namespac
         check_trainable(sub)
         out = args.work / f"fewshot-{seed}"
         trained = train(sub, out, args, seed=seed, epochs=args.fewshot_epochs, keep_fp32=False,
-                        recipe=getattr(args, "fewshot_recipe", None))
+                        recipe=args.fewshot_recipe)
         m = score(out, test)
         runs.append({"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
                      "train_seconds": trained["train_seconds"], "best_epoch": trained["best_epoch"]})
         print(f"  few-shot seed {seed}: accuracy {m['accuracy']:.4f}", flush=True)
+    return fewshot_summary(runs, args.shots, args.fewshot_recipe)
+
+
+def fewshot_summary(runs: list[dict], shots: int, recipe: dict | None) -> dict:
+    """Mean, spread and range of test accuracy over the few-shot runs (one per seed)."""
     accs = [r["accuracy"] for r in runs]
-    return {"shots": args.shots, "seeds": list(args.fewshot_seeds), "runs": runs,
-            "recipe": getattr(args, "fewshot_recipe", None),
+    return {"shots": shots, "seeds": [r["seed"] for r in runs], "runs": runs, "recipe": recipe,
             "accuracy_mean": statistics.mean(accs), "accuracy_stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
             "accuracy_min": min(accs), "accuracy_max": max(accs)}
 
@@ -203,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", type=json.loads, help="JSON TrainConfig fields for full/heldout, e.g. the one "
                    "bench/sweep_intent.py chose (default: the pipeline's defaults)")
     p.add_argument("--fewshot-recipe", type=json.loads, help="JSON TrainConfig fields for fewshot")
+    p.add_argument("--skip-speed", action="store_true", help="no speed measurements in --protocol full "
+                   "(training on a lent GPU machine: measure speed where the model serves)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
 

@@ -96,7 +96,7 @@ def _few_job(job: dict) -> dict:
     import torch
 
     from bench_intent import read_banking
-    from models.data import Dataset, sample_per_intent, stratified_split
+    from models.data import sample_per_intent, stratified_split
     from models.train import TrainConfig, fit, predict_logits
 
     torch.set_num_threads(job["threads"])
@@ -113,8 +113,7 @@ def _few_job(job: dict) -> dict:
     logits, emb = predict_logits(result.model, result.tokenizer, dev.texts)
     index = {y: i for i, y in enumerate(result.labels)}
     y = np.array([index[label] for label in dev.labels])
-    probs = torch.softmax(torch.from_numpy(logits), 1)
-    loss = float(-torch.log(probs[torch.arange(len(y)), torch.from_numpy(y)] + 1e-12).mean())
+    loss = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
     # Dev accuracy at each kNN mix (the pipeline's bank over the training examples; fp32 torch
     # outputs), for bots trained without a validation split to choose a mix from.
     from engine.onnx_intent import knn_label_scores, starts_of
@@ -155,36 +154,42 @@ def choose(results: list[dict], recipes: tuple[dict, ...], kind: str) -> tuple[d
     return best["recipe"], rows
 
 
-def sweep(args: argparse.Namespace) -> tuple[dict, dict, list[dict], list[dict], list[dict]]:
+def _pooled(fn, tasks: list, workers: int, budget: float | None, what: str):
+    """``fn`` over ``tasks`` in fresh spawned processes (CUDA cannot be re-initialised in a
+    forked child), yielding results as they finish; after ``budget`` seconds the rest are
+    dropped, said in the output."""
+    deadline = time.monotonic() + (budget or 1e9)
+    with mp.get_context("spawn").Pool(max(1, min(workers, len(tasks))), maxtasksperchild=1) as pool:
+        it = pool.imap_unordered(fn, tasks)
+        for done in range(len(tasks)):
+            try:
+                yield it.next(timeout=max(0.1, deadline - time.monotonic()))
+            except mp.TimeoutError:
+                print(f"  {what} budget of {budget} s spent: {len(tasks) - done} dropped", flush=True)
+                pool.terminate()
+                return
+
+
+def sweep(args: argparse.Namespace, full_recipes: tuple[dict, ...],
+          few_recipes: tuple[dict, ...]) -> tuple[dict, dict, list[dict], list[dict], list[dict]]:
     base = {"data_dir": str(args.data_dir), "device": args.device, "threads": args.job_threads}
     jobs = [] if args.full_recipe is not None else [
         {**base, "kind": "full", "recipe_index": i, "recipe": r, "split_seed": s}
-        for i, r in enumerate(FULL_RECIPES) for s in SPLIT_SEEDS]
-    # (spawned workers re-import this module, so recipes travel inside each job)
-    jobs += [{**base, "kind": "few", "recipe_index": i, "recipe": r, "dev_seed": s, "shots": args.shots}
-             for i, r in enumerate(FEW_RECIPES) for s in DEV_SEEDS] if args.fewshot_recipe is None else []
+        for i, r in enumerate(full_recipes) for s in SPLIT_SEEDS]
+    jobs += [] if args.fewshot_recipe is not None else [
+        {**base, "kind": "few", "recipe_index": i, "recipe": r, "dev_seed": s, "shots": args.shots}
+        for i, r in enumerate(few_recipes) for s in DEV_SEEDS]
     # The long full-data jobs first, so the short few-shot ones fill the gaps at the end.
     jobs.sort(key=lambda j: j["kind"] != "full")
     results = []
-    ctx = mp.get_context("spawn")  # CUDA cannot be re-initialised in a forked child
-    deadline = time.monotonic() + (args.sweep_budget or 1e9)
-    with ctx.Pool(args.workers, maxtasksperchild=1) as pool:
-        it = pool.imap_unordered(_run, jobs)
-        for _ in jobs:
-            try:
-                r = it.next(timeout=max(0.1, deadline - time.monotonic()))
-            except mp.TimeoutError:
-                print(f"  sweep budget of {args.sweep_budget} s spent: {len(jobs) - len(results)} trainings dropped",
-                      flush=True)
-                pool.terminate()
-                break
-            results.append(r)
-            tag = f"{r['kind']} #{r['recipe_index']} seed {r.get('split_seed', r.get('dev_seed'))}"
-            print(f"  {tag}: " + (r["error"] if "error" in r else
-                                  f"{100 * r['score']:.2f}% (epoch {r['best_epoch']}, {r['seconds']:.0f} s)"), flush=True)
-            _save(args, {"stage": "sweep", "jobs": results})
-    full, full_rows = (args.full_recipe, []) if args.full_recipe is not None else choose(results, FULL_RECIPES, "full")
-    few, few_rows = (args.fewshot_recipe, []) if args.fewshot_recipe is not None else choose(results, FEW_RECIPES, "few")
+    for r in _pooled(_run, jobs, args.workers, args.sweep_budget, "sweep"):
+        results.append(r)
+        tag = f"{r['kind']} #{r['recipe_index']} seed {r.get('split_seed', r.get('dev_seed'))}"
+        print(f"  {tag}: " + (r["error"] if "error" in r else
+                              f"{100 * r['score']:.2f}% (epoch {r['best_epoch']}, {r['seconds']:.0f} s)"), flush=True)
+        _save(args, {"stage": "sweep", "jobs": results})
+    full, full_rows = (args.full_recipe, []) if args.full_recipe is not None else choose(results, full_recipes, "full")
+    few, few_rows = (args.fewshot_recipe, []) if args.fewshot_recipe is not None else choose(results, few_recipes, "few")
     return full, few, full_rows, few_rows, results
 
 
@@ -209,42 +214,30 @@ def _protocol(task: tuple[str, dict]) -> tuple[str, dict]:
 
 
 def protocols(args: argparse.Namespace, full: dict, few: dict, on_result=None) -> dict:
-    ns = {"data_dir": args.data_dir, "work": args.work, "epochs": None, "seed": 0, "threads": args.job_threads,
-          "device": args.device, "quiet": True, "shots": args.shots, "fewshot_seeds": [0, 1, 2, 3, 4],
-          "fewshot_epochs": None, "recipe": full, "fewshot_recipe": few, "model": None, "skip_speed": args.skip_speed}
+    from bench_intent import FEWSHOT_SEEDS, fewshot_summary
+
+    ns = {"data_dir": args.data_dir, "work": args.work, "epochs": None, "seed": 0, "device": args.device,
+          "quiet": True, "shots": args.shots, "fewshot_epochs": None, "recipe": full, "fewshot_recipe": few,
+          "model": None, "skip_speed": args.skip_speed,
+          # up to 7 processes (full, heldout, 5 few-shot seeds) share the cores
+          "threads": max(args.job_threads, (os.cpu_count() or 1) // 7)}
     tasks = [(name, ns) for name in ("full", "heldout") if name in args.protocols]
-    ns["threads"] = max(args.job_threads, (os.cpu_count() or 1) // 7)  # 7 processes share the cores
-    # Few-shot seeds run as separate processes: five small trainings side by side.
-    if "fewshot" in args.protocols:
-        tasks += [("fewshot", {**ns, "fewshot_seeds": [s], "work": args.work / f"fs{s}"}) for s in range(5)]
+    if "fewshot" in args.protocols:   # one process per seed: five small trainings side by side
+        tasks += [("fewshot", {**ns, "fewshot_seeds": [s], "work": args.work / f"fs{s}"}) for s in FEWSHOT_SEEDS]
     out: dict = {}
-    ctx = mp.get_context("spawn")
-    deadline = time.monotonic() + (args.protocol_budget or 1e9)
-    with ctx.Pool(min(args.workers, len(tasks)), maxtasksperchild=1) as pool:
-        it = pool.imap_unordered(_protocol, tasks)
-        for _ in tasks:
-            try:
-                name, res = it.next(timeout=max(0.1, deadline - time.monotonic()))
-            except mp.TimeoutError:
-                print(f"  protocol budget of {args.protocol_budget} s spent", flush=True)
-                pool.terminate()
-                break
-            if name == "fewshot" and "error" not in res:
-                out.setdefault("fewshot_runs", []).extend(res["runs"])
-            elif name == "fewshot":
-                out.setdefault("fewshot_errors", []).append(res["error"])
-            else:
-                out[name] = res
-            print(f"  {name}: {res.get('error', 'done')}", flush=True)
-            if on_result:
-                on_result(out)
-    runs = sorted(out.pop("fewshot_runs", []), key=lambda r: r["seed"])
+    runs: list[dict] = []
+    for name, res in _pooled(_protocol, tasks, args.workers, args.protocol_budget, "protocol"):
+        if name == "fewshot" and "error" not in res:
+            runs += res["runs"]
+        elif name == "fewshot":
+            out.setdefault("fewshot_errors", []).append(res["error"])
+        else:
+            out[name] = res
+        print(f"  {name}: {res.get('error', 'done')}", flush=True)
+        if on_result:
+            on_result(out)
     if runs:
-        accs = [r["accuracy"] for r in runs]
-        out["fewshot"] = {"shots": args.shots, "seeds": [r["seed"] for r in runs], "runs": runs, "recipe": few,
-                          "accuracy_mean": statistics.mean(accs),
-                          "accuracy_stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                          "accuracy_min": min(accs), "accuracy_max": max(accs)}
+        out["fewshot"] = fewshot_summary(sorted(runs, key=lambda r: r["seed"]), args.shots, few)
     return out
 
 
@@ -279,16 +272,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated protocols to run after the sweep")
     p.add_argument("--max-epochs", type=int, help="cap every recipe's epochs (a smoke test of this script)")
     args = p.parse_args(argv)
-    global FULL_RECIPES, FEW_RECIPES
-    if args.few_recipes:
-        FEW_RECIPES = tuple(args.few_recipes)
+    full_recipes, few_recipes = FULL_RECIPES, tuple(args.few_recipes or FEW_RECIPES)
     if args.max_epochs:
-        FULL_RECIPES = tuple({**r, "epochs": min(r.get("epochs", args.max_epochs), args.max_epochs)} for r in FULL_RECIPES)
-        FEW_RECIPES = tuple({**r, "epochs": min(r.get("epochs", args.max_epochs), args.max_epochs)} for r in FEW_RECIPES)
+        def capped(r: dict) -> dict:
+            return {**r, "epochs": min(r.get("epochs", args.max_epochs), args.max_epochs)}
+        full_recipes, few_recipes = tuple(map(capped, full_recipes)), tuple(map(capped, few_recipes))
     args.work.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    full, few, full_rows, few_rows, jobs = sweep(args)
+    full, few, full_rows, few_rows, jobs = sweep(args, full_recipes, few_recipes)
     report = {"device": args.device, "argv": sys.argv[1:], "full_recipe": full, "fewshot_recipe": few, "full_rows": full_rows,
               "fewshot_rows": few_rows, "jobs": jobs, "sweep_seconds": time.perf_counter() - t0}
     _save(args, report)
