@@ -337,8 +337,7 @@ class InMemoryRoutingState(RoutingState):
     def __init__(self) -> None:
         self._agents: dict[str, _Agent] = {}
         self._owner: dict[str, str] = {}
-        self._heap: list[tuple[int, int, str, int]] = []      # the default team's
-        self._heaps: dict[str, list[tuple[int, int, str, int]]] = {DEFAULT_TEAM: self._heap}
+        self._heaps: dict[str, list[tuple[int, int, str, int]]] = {}   # team -> eligible agents
         self._rr = itertools.count(1)
         self._versions = itertools.count(1)
         self._arrivals = itertools.count()
@@ -424,7 +423,7 @@ class InMemoryRoutingState(RoutingState):
         while heap:
             load, _, agent_id, version = heapq.heappop(heap)
             a = self._agents.get(agent_id)
-            if a is None or a.version != version or not a.eligible or a.team != team:
+            if a is None or a.version != version or not a.eligible:   # stale (a team change bumps the version)
                 continue
             self._take(a)
             return agent_id
@@ -728,14 +727,7 @@ class Router:
         refused = await self.state.reserve_agent(to_agent)
         if refused:
             raise RoutingError(refused, f"agent {to_agent}: {refused}")
-        try:
-            conv = await self.storage.transition(conversation_id, to_state=HUMAN,
-                                                 agent_id=to_agent, from_states=(HUMAN,),
-                                                 from_agent=from_agent)
-        except BaseException:
-            await self.state.cancel(to_agent)
-            raise
-        if conv is None:
+        if await self._claim(conversation_id, to_agent, (HUMAN,), from_agent=from_agent) is None:
             await self._give_back(to_agent)
             current = await self.storage.get_conversation(conversation_id)
             if current is None:
@@ -837,13 +829,15 @@ class Router:
             return await self._settle(conversation_id, raise_on_lost=True)
         return await self._assigned(conversation_id, agent_id)
 
-    async def _claim(self, conversation_id: str, agent_id: str,
-                     from_states: Sequence[str]) -> Conversation | None:
-        """The stored compare-and-set onto ``agent_id``'s reserved slot: the row, or None when
-        another writer won.  Storage trouble returns the slot and re-raises."""
+    async def _claim(self, conversation_id: str, agent_id: str, from_states: Sequence[str],
+                     from_agent: str | None = None) -> Conversation | None:
+        """The stored compare-and-set onto ``agent_id``'s reserved slot (from ``from_agent``
+        only, for a transfer): the row, or None when another writer won.  Storage trouble
+        returns the slot and re-raises."""
+        kw: dict[str, Any] = {} if from_agent is None else {"from_agent": from_agent}
         try:
-            return await self.storage.transition(conversation_id, to_state=HUMAN,
-                                                 agent_id=agent_id, from_states=from_states)
+            return await self.storage.transition(conversation_id, to_state=HUMAN, agent_id=agent_id,
+                                                 from_states=from_states, **kw)
         except BaseException:
             await self.state.cancel(agent_id)
             raise

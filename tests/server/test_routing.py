@@ -503,7 +503,7 @@ async def test_inmemory_state_heap_stays_bounded():
         assert await st.reserve() == "a"
         await st.commit(f"c{i}", "a")
         await st.unbind(f"c{i}")
-    assert len(st._heap) <= 4 * 1 + 32 + 1
+    assert len(st._heaps["default"]) <= 4 * 1 + 32 + 1
 
 
 async def test_inmemory_queue_keeps_each_team_in_order_and_counts_positions_per_team():
