@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Awaitable, Callable, NoReturn
+from typing import Any, Awaitable, Callable
 
 from engine import Engine, InputError, KefuError
 from websockets.exceptions import ConnectionClosed
@@ -581,15 +581,10 @@ class Chat:
         c = await self.conversation(cid)
         if c.state != QUEUED:
             raise NotFound("no such queued conversation")
-        agent_team, team = self.agent_teams.get(conn.agent_id or "", "default"), self.team_of(c)
-        if agent_team != team:
-            self._forbidden("accept", conn, c, agent_team=agent_team, conversation_team=team)
-        try:
-            await self._route_call(self.router.accept(c.id, conn.agent_id))
-        except P.FrameError as exc:    # the router's own check (e.g. a team changed meanwhile)
-            if exc.code == P.FORBIDDEN:
-                audit(self.metrics, "accept", agent=conn.agent_id or "", conversation=c.id)
-            raise
+        # The router refuses another team's conversation (``forbidden``); audited here.
+        await self._audited_route("accept", conn, c, self.router.accept(c.id, conn.agent_id),
+                                  agent_team=self.agent_teams.get(conn.agent_id or "", "default"),
+                                  conversation_team=self.team_of(c))
 
     async def transfer(self, conn: Connection, frame: dict[str, Any]) -> None:
         c = self._conv_for(conn, frame)
@@ -597,20 +592,23 @@ class Chat:
         agent = await self.storage.get_agent(agent_id=target)
         if agent is None:
             raise NotFound("no such agent")
+        detail = {"to": agent.id, "to_team": agent.team, "conversation_team": self.team_of(c)}
         if agent.team != self.team_of(c):
-            self._forbidden("transfer", conn, c, to=agent.id, to_team=agent.team,
-                            conversation_team=self.team_of(c))
+            # The router knows only connected agents' teams; the stored team covers the rest.
+            audit(self.metrics, "transfer", agent=conn.agent_id or "", conversation=c.id, **detail)
+            raise P.FrameError(P.FORBIDDEN, "the conversation is not in your team")
+        await self._audited_route("transfer", conn, c, self.router.transfer(c.id, conn.agent_id, target), **detail)
+
+    async def _audited_route(self, action: str, conn: Connection, c: ConvState, coro: Awaitable[Any],
+                             **detail: Any) -> Any:
+        """A routing call whose ``forbidden`` refusal (another team) is audited before it reaches
+        the agent as an error frame."""
         try:
-            await self._route_call(self.router.transfer(c.id, conn.agent_id, target))
+            return await self._route_call(coro)
         except P.FrameError as exc:
             if exc.code == P.FORBIDDEN:
-                audit(self.metrics, "transfer", agent=conn.agent_id or "", conversation=c.id, to=agent.id)
+                audit(self.metrics, action, agent=conn.agent_id or "", conversation=c.id, **detail)
             raise
-
-    def _forbidden(self, action: str, conn: Connection, c: ConvState, **detail: Any) -> NoReturn:
-        """Refuse a cross-team action: an audit entry, then the ``forbidden`` error frame."""
-        audit(self.metrics, action, agent=conn.agent_id or "", conversation=c.id, **detail)
-        raise P.FrameError(P.FORBIDDEN, "the conversation is not in your team")
 
     async def agent_close(self, conn: Connection, frame: dict[str, Any]) -> None:
         c = self._conv_for(conn, frame)
