@@ -136,13 +136,19 @@ class OrderBook:
         return self._orders
 
 
-def _read_orders(path: Path) -> dict[str, Order]:
+def read_order_file(path: Path) -> Any:
+    """An order file's JSON, or an :class:`OrderFileError` naming the file (and line).  The
+    Chinese shop's plugin reads its own sample orders with this too."""
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise OrderFileError(f"{path}: cannot read the order file: {exc.strerror or exc}") from exc
     except json.JSONDecodeError as exc:
         raise OrderFileError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg} (column {exc.colno})") from exc
+
+
+def _read_orders(path: Path) -> dict[str, Order]:
+    raw = read_order_file(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("orders"), list):
         raise OrderFileError(f'{path}: expected an object {{"orders": [...]}}')
     orders: dict[str, Order] = {}

@@ -7,13 +7,13 @@ later "到哪了" in the same session is answered for that order too.
 """
 from __future__ import annotations
 
-import json
 import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from engine import BotSpec, Classification, IntentScore, Reply, hookimpl, paths
+from plugins.shop.orders import OrderFileError, read_order_file
 
 BOT = "shop_zh"
 ORDERS_FILE = Path(__file__).with_name("orders.json")
@@ -77,12 +77,7 @@ def _find_order_number(text: str) -> tuple[str | None, str]:
 @lru_cache(maxsize=1)
 def load_orders() -> dict[str, dict[str, str]]:
     """The sample orders, keyed by order number (keys starting with "_" are comments)."""
-    try:
-        data = json.loads(ORDERS_FILE.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"{ORDERS_FILE}: cannot read the order file: {exc.strerror or exc}") from exc
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{ORDERS_FILE}:{exc.lineno}: not valid JSON: {exc.msg}") from exc
+    data = read_order_file(ORDERS_FILE)   # errors name the file and line
     if not isinstance(data, dict):
-        raise ValueError(f"{ORDERS_FILE}: expected an object of order number -> order")
+        raise OrderFileError(f"{ORDERS_FILE}: expected an object of order number -> order")
     return {k: v for k, v in data.items() if not k.startswith("_")}

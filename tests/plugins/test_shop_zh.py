@@ -283,3 +283,17 @@ def test_plugin_leaves_other_bots_alone(eng):
         pytest.skip("the English shop bot is not installed")
     turn = eng.ask("shop", "12345", session="other-bot")
     assert "当前状态" not in turn.answer
+
+
+def test_broken_order_file_names_the_file_and_line(tmp_path, monkeypatch):
+    from plugins.shop.orders import OrderFileError
+
+    broken = tmp_path / "orders.json"
+    broken.write_text('{\n  "12345": {"status": "已发货",}\n}\n', encoding="utf-8")
+    monkeypatch.setattr(shop_zh, "ORDERS_FILE", broken)
+    shop_zh.load_orders.cache_clear()
+    try:
+        with pytest.raises(OrderFileError, match=r"orders\.json:2: not valid JSON"):
+            shop_zh.load_orders()
+    finally:
+        shop_zh.load_orders.cache_clear()
