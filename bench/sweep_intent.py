@@ -85,7 +85,8 @@ def _full_job(job: dict) -> dict:
     train, val = stratified_split(data, config.val_fraction, job["split_seed"])
     t0 = time.perf_counter()
     result = fit(train, val, config)
-    best = result.history[result.best_epoch - 1]
+    # A soup is scored as the average it serves, not as its first member's best epoch.
+    best = result.soup_validation or result.history[result.best_epoch - 1]
     return {**job, "kind": "full", "best_epoch": result.best_epoch, "score": best["val_accuracy"],
             "loss": best["val_loss"], "history": result.history, "seconds": time.perf_counter() - t0}
 

@@ -29,6 +29,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--layer-decay", type=float, help="each lower layer's rate is this times the one above "
                                                      "(default: 0.85)")
     t.add_argument("--label-smoothing", type=float, help="default: 0.1")
+    t.add_argument("--soup", type=int, default=1,
+                   help="train N models from one start and serve their weight average (N times the "
+                        "training time; docs/model.md)")
     t.add_argument("--max-length", type=int, default=64, help="tokens per text (truncation)")
     t.add_argument("--patience", type=int, default=8,
                    help="stop after this many epochs without a better validation score (0: never)")
@@ -76,7 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
         config = TrainConfig(base=str(args.base) if args.base else None, epochs=args.epochs, seed=args.seed,
                              batch_size=args.batch_size, max_length=args.max_length,
                              val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet,
-                             patience=args.patience, device=args.device, **tuned)
+                             patience=args.patience, device=args.device, soup=args.soup, **tuned)
         result = train_model(data, out, config, keep_fp32=not args.no_fp32, oos_score=args.oos_score)
     except ModelError as e:
         print(f"kefu train: {e}", file=sys.stderr)

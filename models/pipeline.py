@@ -94,6 +94,9 @@ def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None =
     result: dict[str, Any] = {"n_train": len(train), "n_val": len(val), "best_epoch": fitted.best_epoch,
                               "stopped_early": fitted.stopped_early, "history": fitted.history, "train_seconds": fitted.seconds,
                               "export": export.to_dict(), "calibration": cal.to_dict()}
+    if config.soup > 1:
+        result["soup"] = {"members": config.soup, "member_best_epochs": fitted.member_best_epochs,
+                          "validation_fp32": fitted.soup_validation}
     report = out / "report"
     if report.exists():
         shutil.rmtree(report)

@@ -61,6 +61,11 @@ class TrainConfig:
     # bots get up to 40 epochs by the step rule, but their best epoch comes much earlier
     # (the shop bot: epoch 13 of 40), and `make run` trains on a newcomer's first start.
     patience: int = 8
+    # Train this many models from the same initial weights (head included), each with its
+    # own batch order and dropout, and average their weights (a "model soup", Wortsman et
+    # al. 2022): an ensemble's smoothing at one model's serving cost, for `soup` times the
+    # training time.  Fine-tunes of one checkpoint stay in one basin, so the average works.
+    soup: int = 1
 
     def resolved_epochs(self, n_train: int) -> int:
         if self.epochs:
@@ -173,6 +178,8 @@ class FitResult:
     best_epoch: int = 0
     seconds: float = 0.0
     stopped_early: bool = False
+    member_best_epochs: list[int] = field(default_factory=list)  # soups: each member's best epoch
+    soup_validation: dict[str, float] = field(default_factory=dict)  # soups: the average's val score
 
 
 def seed_everything(seed: int) -> None:
@@ -201,9 +208,41 @@ def predict_logits(model: IntentNet, tokenizer: Any, texts: Sequence[str], batch
 def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
     """Fine-tune on ``train``; keep the weights of the epoch with the best ``val`` accuracy
-    (lowest loss breaks ties; without ``val``, the last epoch)."""
+    (lowest loss breaks ties; without ``val``, the last epoch).  With ``config.soup`` > 1,
+    the average of that many such runs (see TrainConfig.soup)."""
+    if config.soup < 1:
+        raise ModelError(f"soup {config.soup}: expected a model count of at least 1")
+    if config.soup == 1:
+        return _fit_one(train, val, config, on_epoch, member=0)
     t0 = time.perf_counter()
-    seed_everything(config.seed)
+    members = []
+    for k in range(config.soup):
+        def tagged(row: dict[str, float], k: int = k) -> None:
+            if on_epoch:
+                on_epoch({**row, "member": k})
+        members.append(_fit_one(train, val, config, tagged, member=k))
+    result = members[0]
+    states = [m.model.state_dict() for m in members]
+    averaged = {name: (sum(st[name].float() for st in states) / len(states)).to(t.dtype)
+                if t.is_floating_point() else t for name, t in states[0].items()}
+    result.model.load_state_dict(averaged)
+    result.history = [{**row, "member": k} for k, m in enumerate(members) for row in m.history]
+    result.member_best_epochs = [m.best_epoch for m in members]
+    result.stopped_early = any(m.stopped_early for m in members)
+    if val is not None and len(val):  # the soup's own score, beside its members' histories
+        index = {y: i for i, y in enumerate(result.labels)}
+        vl, _ = predict_logits(result.model, result.tokenizer, val.texts)
+        vy = np.array([index[label] for label in val.labels])
+        result.soup_validation = {"val_accuracy": float((vl.argmax(1) == vy).mean()),
+                                  "val_loss": float(nn.functional.cross_entropy(torch.from_numpy(vl), torch.from_numpy(vy)))}
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _fit_one(train: Dataset, val: Dataset | None, config: TrainConfig,
+             on_epoch: Callable[[dict[str, float]], None] | None, member: int) -> FitResult:
+    t0 = time.perf_counter()
+    seed_everything(config.seed)  # every soup member starts from the same weights
     if config.threads:
         torch.set_num_threads(config.threads)
     base = Path(config.base) if config.base else default_base()
@@ -236,7 +275,11 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    rng = random.Random(config.seed)
+    # Soup members differ in batch order and dropout only; member 0 is the plain run.
+    run_seed = config.seed + 7919 * member
+    if member:
+        seed_everything(run_seed)
+    rng = random.Random(run_seed)
 
     result = FitResult(model, tokenizer, labels, base)
     best: tuple[float, float] | None = None

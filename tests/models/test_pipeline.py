@@ -151,13 +151,13 @@ def test_train_passes_tuning_flags_and_keeps_defaults_for_the_rest(tmp_path, mon
     monkeypatch.setattr(pipeline, "train_model", lambda data, out, config, **kw: seen.append(config) or {"json": 1})
     data = write_csv(tiny_dataset(), tmp_path / "d.csv")
     args = ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--json"]
-    assert cli(args + ["--lr", "2e-4", "--layer-decay", "0.9", "--label-smoothing", "0.2"]) == 0
+    assert cli(args + ["--lr", "2e-4", "--layer-decay", "0.9", "--label-smoothing", "0.2", "--soup", "3"]) == 0
     assert cli(args) == 0
     tuned, plain = seen
-    assert (tuned.lr, tuned.layer_decay, tuned.label_smoothing) == (2e-4, 0.9, 0.2)
+    assert (tuned.lr, tuned.layer_decay, tuned.label_smoothing, tuned.soup) == (2e-4, 0.9, 0.2, 3)
     default = TrainConfig()
-    assert (plain.lr, plain.layer_decay, plain.label_smoothing) == (default.lr, default.layer_decay,
-                                                                    default.label_smoothing)
+    assert (plain.lr, plain.layer_decay, plain.label_smoothing, plain.soup) == (
+        default.lr, default.layer_decay, default.label_smoothing, default.soup)
 
 
 def test_train_refuses_a_device_torch_does_not_know(tmp_path, capsys):
@@ -178,3 +178,49 @@ def test_train_refuses_cuda_where_torch_sees_no_gpu(tmp_path, capsys):
     data = write_csv(tiny_dataset(), tmp_path / "d.csv")
     assert cli(["train", "--data", str(data), "--out", str(tmp_path / "m"), "--device", "cuda", *TINY_ARGS]) == 1
     assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_a_soup_is_the_average_of_runs_from_one_start_differing_in_batch_order():
+    """soup=2: the served weights are the mean of two runs that share their initial weights
+    (head included) and differ in batch order and dropout; member 0 is the plain run."""
+    torch = pytest.importorskip("torch")
+    from models.data import stratified_split
+    from models.train import TrainConfig, _fit_one, fit
+
+    train, val = stratified_split(tiny_dataset(6), 0.25, 0)
+    cfg = TrainConfig(epochs=1, max_length=12, progress=False, seed=3, threads=1, lr=1e-3)
+    a = _fit_one(train, None, cfg, None, member=0)
+    b = _fit_one(train, None, cfg, None, member=1)
+    assert a.history[0]["train_loss"] != b.history[0]["train_loss"]  # different batch order
+    soup = fit(train, val, TrainConfig(**{**cfg.to_dict(), "soup": 2}))
+    sa, sb, ss = a.model.state_dict(), b.model.state_dict(), soup.model.state_dict()
+    for name in ("head.weight", "encoder.encoder.layer.5.output.dense.weight"):
+        assert torch.allclose(ss[name], (sa[name] + sb[name]) / 2, atol=1e-6), name
+    assert [row["member"] for row in soup.history] == [0, 1]
+    assert 0 <= soup.soup_validation["val_accuracy"] <= 1
+
+
+def test_a_soup_of_no_models_is_a_clear_error():
+    pytest.importorskip("torch")
+    from engine.errors import ModelError
+    from models.train import TrainConfig, fit
+
+    with pytest.raises(ModelError, match="soup 0"):
+        fit(tiny_dataset(4), None, TrainConfig(epochs=1, progress=False, soup=0))
+
+
+def test_train_with_a_soup_records_its_members_and_serves_the_average(tmp_path):
+    """`kefu train --soup 2` writes a model folder like any other, with the members' best
+    epochs and the average's validation score in metrics.json."""
+    from models.data import write_csv
+
+    data = write_csv(tiny_dataset(), tmp_path / "d.csv")
+    out = tmp_path / "m"
+    assert cli(["train", "--data", str(data), "--out", str(out), "--soup", "2", "--no-fp32", *TINY_ARGS]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["soup"]["members"] == 2 and m["soup"]["member_best_epochs"] == [1, 1]
+    assert 0 <= m["soup"]["validation_fp32"]["val_accuracy"] <= 1
+    assert json.loads((out / "labels.json").read_text())["train_config"]["soup"] == 2
+    clf = OnnxIntentClassifier.load(out)
+    assert clf.predict_batch(["where is my order 7"])[0].intent in clf.labels
+    clf.close()
