@@ -205,6 +205,13 @@ def predict_logits(model: IntentNet, tokenizer: Any, texts: Sequence[str], batch
     return logits, embs
 
 
+def validation_scores(model: IntentNet, tokenizer: Any, texts: Sequence[str], y: np.ndarray) -> dict[str, float]:
+    """Accuracy and cross-entropy of ``model`` on labelled texts (``y``: label indices)."""
+    logits, _ = predict_logits(model, tokenizer, texts)
+    return {"val_accuracy": float((logits.argmax(1) == y).mean()),
+            "val_loss": float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))}
+
+
 def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
         on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
     """Fine-tune on ``train``; keep the weights of the epoch with the best ``val`` accuracy
@@ -215,26 +222,30 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
     if config.soup == 1:
         return _fit_one(train, val, config, on_epoch, member=0)
     t0 = time.perf_counter()
-    members = []
-    for k in range(config.soup):
-        def tagged(row: dict[str, float], k: int = k) -> None:
-            if on_epoch:
-                on_epoch({**row, "member": k})
-        members.append(_fit_one(train, val, config, tagged, member=k))
-    result = members[0]
-    states = [m.model.state_dict() for m in members]
-    averaged = {name: (sum(st[name].float() for st in states) / len(states)).to(t.dtype)
-                if t.is_floating_point() else t for name, t in states[0].items()}
-    result.model.load_state_dict(averaged)
-    result.history = [{**row, "member": k} for k, m in enumerate(members) for row in m.history]
-    result.member_best_epochs = [m.best_epoch for m in members]
-    result.stopped_early = any(m.stopped_early for m in members)
+
+    def member(k: int) -> FitResult:
+        fitted = _fit_one(train, val, config, on_epoch and (lambda row: on_epoch({**row, "member": k})), member=k)
+        fitted.history = [{**row, "member": k} for row in fitted.history]
+        return fitted
+
+    # Member 0 carries the result; the others only add their weights (two models in memory at most).
+    result = member(0)
+    total = {name: t.float().clone() for name, t in result.model.state_dict().items() if t.is_floating_point()}
+    result.member_best_epochs = [result.best_epoch]
+    for k in range(1, config.soup):
+        other = member(k)
+        for name, t in other.model.state_dict().items():
+            if name in total:
+                total[name] += t.float()
+        result.history += other.history
+        result.member_best_epochs.append(other.best_epoch)
+        result.stopped_early |= other.stopped_early
+    result.model.load_state_dict({name: (total[name] / config.soup).to(t.dtype) if name in total else t
+                                  for name, t in result.model.state_dict().items()})
     if val is not None and len(val):  # the soup's own score, beside its members' histories
         index = {y: i for i, y in enumerate(result.labels)}
-        vl, _ = predict_logits(result.model, result.tokenizer, val.texts)
-        vy = np.array([index[label] for label in val.labels])
-        result.soup_validation = {"val_accuracy": float((vl.argmax(1) == vy).mean()),
-                                  "val_loss": float(nn.functional.cross_entropy(torch.from_numpy(vl), torch.from_numpy(vy)))}
+        result.soup_validation = validation_scores(result.model, result.tokenizer, val.texts,
+                                                   np.array([index[label] for label in val.labels]))
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -255,12 +266,11 @@ def _fit_one(train: Dataset, val: Dataset | None, config: TrainConfig,
 
     ids = [e.ids for e in tokenizer.encode_batch(list(train.texts))]
     y = torch.tensor([index[label] for label in train.labels], dtype=torch.long, device=device)
-    val_ids = val_y = None
+    val_y = None
     if val is not None and len(val):
         unknown = sorted(set(val.labels) - set(labels))
         if unknown:
             raise ModelError(f"{val.source}: validation labels missing from training data: {unknown[:5]}")
-        val_ids = [e.ids for e in tokenizer.encode_batch(list(val.texts))]
         val_y = np.array([index[label] for label in val.labels])
 
     epochs = config.resolved_epochs(len(train))
@@ -303,10 +313,8 @@ def _fit_one(train: Dataset, val: Dataset | None, config: TrainConfig,
             seen += len(batch)
             steps.set_postfix(loss=f"{running / seen:.3f}")
         row = {"epoch": epoch, "train_loss": running / max(1, seen), "seconds": time.perf_counter() - t0}
-        if val_ids is not None:
-            vl, _ = predict_logits(model, tokenizer, val.texts)
-            row["val_accuracy"] = float((vl.argmax(1) == val_y).mean())
-            row["val_loss"] = float(nn.functional.cross_entropy(torch.from_numpy(vl), torch.from_numpy(val_y)))
+        if val_y is not None:
+            row.update(validation_scores(model, tokenizer, val.texts, val_y))
             key = (row["val_accuracy"], -row["val_loss"])
             if best is None or key > best:
                 best, result.best_epoch = key, epoch
