@@ -107,7 +107,7 @@ def protocol_full(train_data: Dataset, test: Dataset, args: argparse.Namespace) 
     fp32 = score(out, test, "model.fp32.onnx")
     res = {"train_seconds": trained["train_seconds"], "pipeline_seconds": time.perf_counter() - t0,
            "best_epoch": trained["best_epoch"], "epochs": len(trained["history"]),
-           "recipe": args.recipe,
+           "recipe": args.recipe, "soup": trained.get("soup"),
            "calibration": trained["calibration"], "validation": trained.get("validation"),
            "int8": {k: int8[k] for k in ("accuracy", "macro_f1", "n")},
            "fp32": {k: fp32[k] for k in ("accuracy", "macro_f1", "n")},
@@ -209,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-speed", action="store_true", help="no speed measurements in --protocol full "
                    "(training on a lent GPU machine: measure speed where the model serves)")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", type=Path, help="JSON results file (default: bench/results/intent-<protocol>-<time>.json; "
+                   "name one per process when several run side by side)")
     args = p.parse_args(argv)
 
     train_data = read_banking(args.data_dir / "train.csv")
@@ -223,9 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             results["speed"] = speed(args.model or args.work / "full", list(test.texts))
         else:
             results[name] = globals()[f"protocol_{name}"](train_data, test, args)
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = RESULTS / f"intent-{args.protocol}-{stamp}.json"
+        path = args.out or RESULTS / f"intent-{args.protocol}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
     print(f"results: {path}")

@@ -267,13 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--protocol-budget", type=float, help="seconds; protocols unfinished by then are dropped")
     p.add_argument("--full-recipe", type=json.loads, help="JSON TrainConfig fields: skip the full-data sweep")
     p.add_argument("--fewshot-recipe", type=json.loads, help="JSON TrainConfig fields: skip the few-shot sweep")
+    p.add_argument("--full-recipes", type=json.loads,
+                   help="full-data recipes to sweep instead of FULL_RECIPES: a JSON list")
     p.add_argument("--few-recipes", type=lambda v: FEW_RECIPES_ROUND2 if v == "round2" else json.loads(v),
                    help="few-shot recipes to sweep instead of FEW_RECIPES: a JSON list, or round2")
     p.add_argument("--protocols", type=lambda v: v.split(","), default=["full", "heldout", "fewshot"],
                    help="comma-separated protocols to run after the sweep")
     p.add_argument("--max-epochs", type=int, help="cap every recipe's epochs (a smoke test of this script)")
     args = p.parse_args(argv)
-    full_recipes, few_recipes = FULL_RECIPES, tuple(args.few_recipes or FEW_RECIPES)
+    full_recipes, few_recipes = tuple(args.full_recipes or FULL_RECIPES), tuple(args.few_recipes or FEW_RECIPES)
     if args.max_epochs:
         def capped(r: dict) -> dict:
             return {**r, "epochs": min(r.get("epochs", args.max_epochs), args.max_epochs)}

@@ -32,6 +32,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--soup", type=int, default=1,
                    help="train N models from one start and serve their weight average (N times the "
                         "training time; docs/model.md)")
+    t.add_argument("--token-mask", type=float,
+                   help="fraction of word pieces replaced by [MASK] in each training pass (default: 0)")
     t.add_argument("--max-length", type=int, default=64, help="tokens per text (truncation)")
     t.add_argument("--patience", type=int, default=8,
                    help="stop after this many epochs without a better validation score (0: never)")
@@ -75,7 +77,8 @@ def run_train(args: argparse.Namespace) -> int:
 
         # Flags left out keep TrainConfig's defaults (one place for them).
         tuned = {k: v for k, v in (("lr", args.lr), ("layer_decay", args.layer_decay),
-                                   ("label_smoothing", args.label_smoothing)) if v is not None}
+                                   ("label_smoothing", args.label_smoothing),
+                                   ("token_mask", args.token_mask)) if v is not None}
         config = TrainConfig(base=str(args.base) if args.base else None, epochs=args.epochs, seed=args.seed,
                              batch_size=args.batch_size, max_length=args.max_length,
                              val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet,

@@ -66,6 +66,10 @@ class TrainConfig:
     # al. 2022): an ensemble's smoothing at one model's serving cost, for `soup` times the
     # training time.  Fine-tunes of one checkpoint stay in one basin, so the average works.
     soup: int = 1
+    # Replace this fraction of each training text's word pieces with [MASK], drawn afresh every
+    # epoch (0: never): a cheap augmentation for bots with a few examples per intent, which
+    # otherwise learn their exact wording.  [CLS], [SEP] and padding are never masked.
+    token_mask: float = 0.0
 
     def resolved_epochs(self, n_train: int) -> int:
         if self.epochs:
@@ -219,6 +223,8 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
     the average of that many such runs (see TrainConfig.soup)."""
     if config.soup < 1:
         raise ModelError(f"soup {config.soup}: expected a model count of at least 1")
+    if not 0.0 <= config.token_mask < 1.0:
+        raise ModelError(f"token_mask {config.token_mask}: expected a fraction from 0 up to (not including) 1")
     if config.soup == 1:
         return _fit_one(train, val, config, on_epoch, member=0)
     t0 = time.perf_counter()
@@ -248,6 +254,25 @@ def fit(train: Dataset, val: Dataset | None, config: TrainConfig,
                                                    np.array([index[label] for label in val.labels]))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+class TokenMasker:
+    """Replaces a fraction of a padded batch's word pieces with the tokenizer's [MASK] token,
+    from its own seeded generator so a run stays reproducible."""
+
+    def __init__(self, tokenizer: Any, fraction: float, seed: int) -> None:
+        self.mask_id = tokenizer.token_to_id("[MASK]")
+        if self.mask_id is None:
+            raise ModelError("token_mask needs a [MASK] token in the base model's tokenizer.json")
+        self.keep = torch.tensor([i for i in (tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]")) if i is not None],
+                                 dtype=torch.long)
+        self.fraction = fraction
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        candidates = attention_mask.bool() & ~torch.isin(input_ids, self.keep)
+        hit = candidates & (torch.rand(input_ids.shape, generator=self.gen) < self.fraction)
+        return input_ids.masked_fill(hit, self.mask_id)
 
 
 def _fit_one(train: Dataset, val: Dataset | None, config: TrainConfig,
@@ -290,6 +315,7 @@ def _fit_one(train: Dataset, val: Dataset | None, config: TrainConfig,
     if member:
         seed_everything(run_seed)
     rng = random.Random(run_seed)
+    masker = TokenMasker(tokenizer, config.token_mask, run_seed) if config.token_mask else None
 
     result = FitResult(model, tokenizer, labels, base)
     best: tuple[float, float] | None = None
@@ -302,6 +328,8 @@ def _fit_one(train: Dataset, val: Dataset | None, config: TrainConfig,
                      desc=f"epoch {epoch}", disable=not config.progress, leave=False)
         for batch in steps:
             input_ids, mask = pad_batch([ids[i] for i in batch])
+            if masker:
+                input_ids = masker(input_ids, mask)
             logits, _ = model(input_ids.to(device), mask.to(device))
             loss = loss_fn(logits, y[batch])
             opt.zero_grad(set_to_none=True)

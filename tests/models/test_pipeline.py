@@ -151,13 +151,14 @@ def test_train_passes_tuning_flags_and_keeps_defaults_for_the_rest(tmp_path, mon
     monkeypatch.setattr(pipeline, "train_model", lambda data, out, config, **kw: seen.append(config) or {"json": 1})
     data = write_csv(tiny_dataset(), tmp_path / "d.csv")
     args = ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--json"]
-    assert cli(args + ["--lr", "2e-4", "--layer-decay", "0.9", "--label-smoothing", "0.2", "--soup", "3"]) == 0
+    assert cli(args + ["--lr", "2e-4", "--layer-decay", "0.9", "--label-smoothing", "0.2", "--soup", "3",
+                       "--token-mask", "0.1"]) == 0
     assert cli(args) == 0
     tuned, plain = seen
-    assert (tuned.lr, tuned.layer_decay, tuned.label_smoothing, tuned.soup) == (2e-4, 0.9, 0.2, 3)
+    assert (tuned.lr, tuned.layer_decay, tuned.label_smoothing, tuned.soup, tuned.token_mask) == (2e-4, 0.9, 0.2, 3, 0.1)
     default = TrainConfig()
-    assert (plain.lr, plain.layer_decay, plain.label_smoothing, plain.soup) == (
-        default.lr, default.layer_decay, default.label_smoothing, default.soup)
+    assert (plain.lr, plain.layer_decay, plain.label_smoothing, plain.soup, plain.token_mask) == (
+        default.lr, default.layer_decay, default.label_smoothing, default.soup, default.token_mask)
 
 
 def test_train_refuses_a_device_torch_does_not_know(tmp_path, capsys):
@@ -198,6 +199,34 @@ def test_a_soup_is_the_average_of_runs_from_one_start_differing_in_batch_order()
         assert torch.allclose(ss[name], (sa[name] + sb[name]) / 2, atol=1e-6), name
     assert [row["member"] for row in soup.history] == [0, 1]
     assert 0 <= soup.soup_validation["val_accuracy"] <= 1
+
+
+def test_token_masking_hides_only_word_pieces_and_is_reproducible():
+    """token_mask replaces about that fraction of word pieces with [MASK]; [CLS], [SEP] and
+    padding never change, and the same seed masks the same positions."""
+    torch = pytest.importorskip("torch")
+    from models.train import TokenMasker, default_base, load_tokenizer, pad_batch
+
+    tok = load_tokenizer(default_base(), 64)
+    texts = ["where is the card i ordered last week", "hi", "i want to cancel a transfer i made yesterday"] * 40
+    ids, mask = pad_batch([e.ids for e in tok.encode_batch(texts)])
+    masked = TokenMasker(tok, 0.3, seed=5)(ids, mask)
+    mask_id = tok.token_to_id("[MASK]")
+    words = mask.bool() & (ids != tok.token_to_id("[CLS]")) & (ids != tok.token_to_id("[SEP]"))
+    changed = masked != ids
+    assert torch.equal(changed, words & (masked == mask_id))  # only word pieces, only to [MASK]
+    assert 0.2 < changed.sum().item() / words.sum().item() < 0.4
+    assert torch.equal(masked, TokenMasker(tok, 0.3, seed=5)(ids, mask))
+    assert not torch.equal(masked, TokenMasker(tok, 0.3, seed=6)(ids, mask))
+
+
+def test_token_mask_outside_zero_to_one_is_a_clear_error():
+    pytest.importorskip("torch")
+    from engine.errors import ModelError
+    from models.train import TrainConfig, fit
+
+    with pytest.raises(ModelError, match="token_mask 1.5"):
+        fit(tiny_dataset(4), None, TrainConfig(epochs=1, progress=False, token_mask=1.5))
 
 
 def test_a_soup_of_no_models_is_a_clear_error():
