@@ -32,6 +32,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--soup", type=int, default=1,
                    help="train N models from one start and serve their weight average (N times the "
                         "training time; docs/model.md)")
+    t.add_argument("--refit", action="store_true",
+                   help="after the validation split has chosen epochs, kNN mix and threshold, train again "
+                        "on every example and serve that model (twice the training; docs/model.md)")
     t.add_argument("--token-mask", type=float,
                    help="fraction of word pieces replaced by [MASK] in each training pass (default: 0)")
     t.add_argument("--max-length", type=int, default=64, help="tokens per text (truncation)")
@@ -82,7 +85,8 @@ def run_train(args: argparse.Namespace) -> int:
         config = TrainConfig(base=str(args.base) if args.base else None, epochs=args.epochs, seed=args.seed,
                              batch_size=args.batch_size, max_length=args.max_length,
                              val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet,
-                             patience=args.patience, device=args.device, soup=args.soup, **tuned)
+                             patience=args.patience, device=args.device, soup=args.soup, refit=args.refit,
+                             **tuned)
         result = train_model(data, out, config, keep_fp32=not args.no_fp32, oos_score=args.oos_score)
     except ModelError as e:
         print(f"kefu train: {e}", file=sys.stderr)
@@ -92,7 +96,9 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         v = result.get("validation") or {}
         cal = result["calibration"]
-        print(f"wrote {out}: best epoch {result['best_epoch']}, validation accuracy "
+        epochs = (f"refit on all {result['n_train']} examples for {result['refit']['epochs']} epochs, the split "
+                  f"run's" if "refit" in result else f"best epoch {result['best_epoch']},")
+        print(f"wrote {out}: {epochs} validation accuracy "
               f"{v.get('accuracy', float('nan')):.4f} (n={v.get('n', 0)}), OOS score {cal['oos_score']} "
               f"threshold {cal['threshold']:.4f}, int8 agreement {result['export']['int8_top1_agreement']:.4f}, "
               f"{result['total_seconds']:.0f} s")

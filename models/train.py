@@ -70,6 +70,9 @@ class TrainConfig:
     # epoch (0: never): a cheap augmentation for bots with a few examples per intent, which
     # otherwise learn their exact wording.  [CLS], [SEP] and padding are never masked.
     token_mask: float = 0.0
+    # Train a second model on every example for the split run's best epoch count and serve it
+    # with the split run's calibration (models/pipeline.py, _train_refit): twice the training.
+    refit: bool = False
 
     def resolved_epochs(self, n_train: int) -> int:
         if self.epochs:

@@ -253,3 +253,38 @@ def test_train_with_a_soup_records_its_members_and_serves_the_average(tmp_path):
     clf = OnnxIntentClassifier.load(out)
     assert clf.predict_batch(["where is my order 7"])[0].intent in clf.labels
     clf.close()
+
+
+def test_refit_serves_a_model_trained_on_every_example_with_the_split_runs_choices(tmp_path):
+    """`kefu train --refit`: the split run chooses the epoch count, kNN mix and threshold and
+    writes the validation report; the served model then trains on all examples for that many
+    epochs, its bank holds every example, and labels.json says the threshold was carried over."""
+    from models.data import write_csv
+
+    data = tiny_dataset()
+    csv = write_csv(data, tmp_path / "d.csv")
+    out = tmp_path / "m"
+    assert cli(["train", "--data", str(csv), "--out", str(out), "--refit", "--no-fp32", *TINY_ARGS, "--epochs", "2"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    split = m["refit"]["split"]
+    assert m["refit"]["epochs"] == split["best_epoch"] == len(m["history"])
+    assert (m["n_train"], m["n_val"]) == (len(data), 0) and split["n_train"] + split["n_val"] == len(data)
+    assert m["validation"] == split["validation"] and m["validation"]["n"] == split["n_val"]
+    meta = json.loads((out / "labels.json").read_text())
+    assert meta["threshold"] == m["calibration"]["threshold"]
+    assert meta["threshold_method"].startswith("refit: carried over from the split model")
+    assert meta["knn"]["counts"] == [8, 8, 8, 8]  # the bank covers every example, not the split's 6
+    assert meta["train_config"]["refit"] is True
+    assert (out / "report" / "metrics.json").is_file() and not (out / "refit-split").exists()
+    clf = OnnxIntentClassifier.load(out)
+    assert clf.predict_batch(["where is my order 7"])[0].intent in clf.labels
+    clf.close()
+
+
+def test_refit_without_a_validation_split_is_a_clear_error(tmp_path, capsys):
+    from models.data import write_csv
+
+    csv = write_csv(tiny_dataset(), tmp_path / "d.csv")
+    args = ["train", "--data", str(csv), "--out", str(tmp_path / "m"), "--refit", *TINY_ARGS, "--val-fraction", "0"]
+    assert cli(args) == 1
+    assert "refit needs a validation split" in capsys.readouterr().err
