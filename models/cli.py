@@ -96,9 +96,9 @@ def run_train(args: argparse.Namespace) -> int:
     else:
         v = result.get("validation") or {}
         cal = result["calibration"]
-        epochs = (f"refit on all {result['n_train']} examples for {result['refit']['epochs']} epochs, the split "
-                  f"run's" if "refit" in result else f"best epoch {result['best_epoch']},")
-        print(f"wrote {out}: {epochs} validation accuracy "
+        trained = (f"refit on all {result['n_train']} examples for {result['refit']['epochs']} epochs; split run's"
+                   if "refit" in result else f"best epoch {result['best_epoch']},")
+        print(f"wrote {out}: {trained} validation accuracy "
               f"{v.get('accuracy', float('nan')):.4f} (n={v.get('n', 0)}), OOS score {cal['oos_score']} "
               f"threshold {cal['threshold']:.4f}, int8 agreement {result['export']['int8_top1_agreement']:.4f}, "
               f"{result['total_seconds']:.0f} s")

@@ -19,11 +19,11 @@ import numpy as np
 from engine.errors import ModelError
 from engine.onnx_intent import LABELS_FILE, TOKENIZER_FILE, OnnxIntentClassifier
 
-from .calibrate import build_bank, calibrate
+from .calibrate import TEMPERATURE, Calibration, build_bank, calibrate
 from .data import Dataset, stratified_split
 from .evaluate import evaluate, write_report
 from .export import export_model
-from .train import TrainConfig, fit
+from .train import FitResult, TrainConfig, fit
 
 BANK_FILE = "bank.npy"
 #: Prototypes kept per intent in bank.npy (k-means centroids above this many examples).
@@ -78,8 +78,6 @@ def _train_refit(data: Dataset, out: Path, config: TrainConfig, *, bank_max_per_
     ``threshold_method`` says."""
     from dataclasses import replace
 
-    from .calibrate import Calibration
-
     if not config.val_fraction:
         raise ModelError("refit needs a validation split to choose on: --val-fraction must be above 0")
     t0 = time.perf_counter()
@@ -98,33 +96,37 @@ def _train_refit(data: Dataset, out: Path, config: TrainConfig, *, bank_max_per_
     epochs = round(sum(split["soup"]["member_best_epochs"]) / config.soup) if config.soup > 1 else split["best_epoch"]
     refit_config = replace(config, refit=False, epochs=max(1, epochs), val_fraction=0.0)
     fitted = fit(data, None, refit_config)
-    sc = split["calibration"]
-    cal = Calibration(sc["mix"], sc["temperature"], sc["oos_score"], sc["threshold"],
-                      f"refit: carried over from the split model ({sc['method']})",
-                      sc.get("val_accuracy_by_mix", {}), sc.get("standin", {}))
-    # No held-out texts for the export's agreement checks: every k-th example, so all intents count.
-    step = max(1, len(data) // 500)
-    result = _write_folder(out, data, data, data.subset([]), fitted, refit_config, t0,
-                           bank_max_per_label=bank_max_per_label, keep_fp32=keep_fp32, oos_score=oos_score,
-                           calibration=cal, keep_report=True, train_config=config,
-                           check_texts=list(data.texts[::step]))
-    result["refit"] = {"epochs": refit_config.epochs, "split": {
-        k: split.get(k) for k in ("n_train", "n_val", "best_epoch", "history", "validation", "soup", "train_seconds")}}
-    result["validation"] = split.get("validation")  # the split model's: the refit has no held-out data
-    _write_json(out / "metrics.json", result)
-    return result
+    sc = split["calibration"]  # Calibration.to_dict(): rebuilt whole, with the method saying where it came from
+    cal = Calibration(**{**sc, "method": f"refit: carried over from the split model ({sc['method']})"})
+    split_summary = {k: split.get(k) for k in ("n_train", "n_val", "best_epoch", "history", "validation", "soup",
+                                               "train_seconds")}
+    return _write_folder(out, data, data, data.subset([]), fitted, refit_config, t0,
+                         bank_max_per_label=bank_max_per_label, keep_fp32=keep_fp32, oos_score=oos_score,
+                         calibration=cal, keep_report=True, train_config=config,
+                         # the split model's validation: the refit has no held-out data
+                         extra={"refit": {"epochs": refit_config.epochs, "split": split_summary},
+                                "validation": split.get("validation")})
 
 
-def _write_folder(out: Path, data: Dataset, train: Dataset, val: Dataset, fitted: Any, config: TrainConfig,
+def _check_texts(train: Dataset, val: Dataset, n_train: int = 200) -> list[str]:
+    """Texts for the export's agreement checks: the validation split, topped up (when it has
+    under 50) with up to ``n_train`` training texts taken evenly, so every intent counts even
+    when the data is sorted by label."""
+    if len(val) >= 50:
+        return list(val.texts)
+    step = max(1, len(train) // n_train)
+    return list(val.texts) + list(train.texts[::step][:n_train])
+
+
+def _write_folder(out: Path, data: Dataset, train: Dataset, val: Dataset, fitted: FitResult, config: TrainConfig,
                   t0: float, *, bank_max_per_label: int, keep_fp32: bool, oos_score: str,
-                  calibration: Any = None, keep_report: bool = False,
-                  train_config: TrainConfig | None = None, check_texts: list[str] | None = None) -> dict[str, Any]:
-    """Export, kNN bank, calibration (on ``val``, unless one is given), labels.json, report."""
+                  calibration: Calibration | None = None, keep_report: bool = False,
+                  train_config: TrainConfig | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export, kNN bank, calibration (on ``val``, unless one is given), labels.json, report and
+    metrics.json (with ``extra``'s keys on top)."""
     labels = list(fitted.labels)
 
-    if check_texts is None:
-        check_texts = list(val.texts) if len(val) >= 50 else list(val.texts) + list(train.texts[:200])
-    export = export_model(fitted.model, fitted.tokenizer, labels, out, check_texts, keep_fp32=keep_fp32)
+    export = export_model(fitted.model, fitted.tokenizer, labels, out, _check_texts(train, val), keep_fp32=keep_fp32)
     fitted.tokenizer.save(str(out / TOKENIZER_FILE))
     meta: dict[str, Any] = {
         "format": 1, "labels": labels, "threshold": 0.0, "oos_score": "max_prob",
@@ -150,7 +152,6 @@ def _write_folder(out: Path, data: Dataset, train: Dataset, val: Dataset, fitted
             cal = calibrate(val_logits, val_emb, np.array([index[y] for y in val.labels]), bank, counts,
                             seed=config.seed, oos_score=oos_score)
         else:
-            from .calibrate import TEMPERATURE, Calibration
             cal = Calibration(0.0, TEMPERATURE, oos_score, 0.0,
                               "none: no validation split; every text is in scope")
     finally:
@@ -176,10 +177,10 @@ def _write_folder(out: Path, data: Dataset, train: Dataset, val: Dataset, fitted
             clf.close()
         result["validation"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "in_scope_accuracy")}
         write_report(report, val, labels, metrics, probs, score, extra={"data": "validation split"})
+    result.update(extra or {})
     result["total_seconds"] = time.perf_counter() - t0
     _write_json(out / "metrics.json", result)
     return result
-
 
 
 def _write_json(path: Path, obj: Any) -> None:
