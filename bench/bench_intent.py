@@ -64,7 +64,26 @@ def score(model_dir: Path, data: Dataset, model_file: str = "model.onnx", thread
         clf.close()
 
 
+def host_probe() -> dict:
+    """How fast this host runs right now, recorded beside every speed figure.
+
+    The development machine is a shared 2-core VM whose speed has varied about twofold between
+    sessions with nothing else running on it; a fixed pure-Python loop (one core, no library
+    in the way) lets two speed figures be compared, or a slow run be attributed to the host.
+    """
+    loops = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        total = 0
+        for i in range(10_000_000):
+            total += i
+        loops.append(time.perf_counter() - t0)
+    return {"python_loop_1e7_seconds": min(loops), "load_average_1m": os.getloadavg()[0],
+            "cpu_count": os.cpu_count()}
+
+
 def speed(model_dir: Path, texts: list[str], n_single: int = 1000) -> dict:
+    probe = host_probe()
     one = OnnxIntentClassifier.load(model_dir, threads=1)
     sample = texts[:n_single]
     for t in sample[:50]:
@@ -85,7 +104,8 @@ def speed(model_dir: Path, texts: list[str], n_single: int = 1000) -> dict:
     two.close()
     return {"single_p50_ms": float(np.percentile(lat, 50)), "single_p99_ms": float(np.percentile(lat, 99)),
             "single_mean_ms": float(np.mean(lat)), "n_single": len(sample),
-            "batched_qps_2threads": float(max(runs)), "batched_qps_runs": runs, "n_batched": len(texts)}
+            "batched_qps_2threads": float(max(runs)), "batched_qps_runs": runs, "n_batched": len(texts),
+            "host_probe": probe}
 
 
 def train(data: Dataset, out: Path, args: argparse.Namespace, *, seed: int = 0, epochs: int | None = None,
@@ -176,6 +196,10 @@ def table(results: dict) -> str:
     if s:
         rows += [("single query p50 / p99 (1 thread)", f"{s['single_p50_ms']:.2f} / {s['single_p99_ms']:.2f} ms"),
                  ("batched throughput (2 threads)", f"{s['batched_qps_2threads']:.0f} queries/s")]
+        if "host_probe" in s:
+            hp = s["host_probe"]
+            rows.append(("host probe (Python loop of 1e7; load)",
+                         f"{hp['python_loop_1e7_seconds']:.2f} s; {hp['load_average_1m']:.2f}"))
     if "heldout" in results:
         h = results["heldout"]
         rows += [("held-out: in-scope accuracy", pct(h["in_scope_accuracy"])),
