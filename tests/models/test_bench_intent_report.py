@@ -35,3 +35,38 @@ def test_a_result_from_before_the_probe_still_prints():
     bench = load_bench()
     text = bench.table({"speed": {"single_p50_ms": 1.2, "single_p99_ms": 3.9, "batched_qps_2threads": 1564.0}})
     assert "host probe" not in text
+
+
+def load_probe():
+    load_bench()   # the probe imports bench_intent by name
+    spec = importlib.util.spec_from_file_location("probe_oos_scores", ROOT / "bench" / "probe_oos_scores.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_probe_mahalanobis_matches_the_textbook_distance():
+    import numpy as np
+
+    probe = load_probe()
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(60, 4))
+    labels = np.array(["a", "b", "c"] * 20)
+    means, inv, _, _ = probe.fit_gaussians(emb, labels, ["a", "b", "c"], shrink=0.0)
+    x = rng.normal(size=(5, 4))
+    got = probe.mahalanobis(x, means, inv)
+    want = np.array([[(xi - m) @ inv @ (xi - m) for m in means] for xi in x])
+    assert np.allclose(got, want)
+
+
+def test_probe_reports_the_best_in_scope_accuracy_that_keeps_the_recall():
+    import numpy as np
+
+    probe = load_probe()
+    score = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
+    correct = np.array([True, True, False, True, False, False])
+    is_oos = np.array([False, False, False, False, True, True])
+    # Rejecting both oos queries (threshold 0.6) keeps the 3 correct in-scope answers of 4.
+    assert probe.best_in_scope_at(score, correct, is_oos, 1.0) == 0.75
+    # Half the oos recall is reached already at threshold 0.5: still 3 of 4.
+    assert probe.best_in_scope_at(score, correct, is_oos, 0.5) == 0.75
