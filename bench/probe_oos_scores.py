@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))   # bench_intent, however this script is loaded
 
 from bench_intent import HELDOUT, RESULTS, default_data_dir, read_banking  # noqa: E402
 from engine.onnx_intent import OnnxIntentClassifier  # noqa: E402

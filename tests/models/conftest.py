@@ -51,3 +51,19 @@ def trained(tmp_path_factory) -> Path:
             else:
                 os.environ[k] = v
     return root / "models" / "tinyshop"
+
+
+def load_bench_script(name: str):
+    """A script under bench/ as a module (bench/ is not a package; the scripts import each other
+    by name, so each is registered in sys.modules under its own)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(name, root / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,18 +1,10 @@
 """bench/bench_intent.py's speed figures carry a probe of the host, so that a slow host can be told
 from a slow model when two sessions' figures disagree."""
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import load_bench_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_intent", ROOT / "bench" / "bench_intent.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_intent", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bench_intent")
 
 
 def test_host_probe_measures_the_loop_and_reads_the_load():
@@ -38,11 +30,7 @@ def test_a_result_from_before_the_probe_still_prints():
 
 
 def load_probe():
-    load_bench()   # the probe imports bench_intent by name
-    spec = importlib.util.spec_from_file_location("probe_oos_scores", ROOT / "bench" / "probe_oos_scores.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("probe_oos_scores")
 
 
 def test_probe_mahalanobis_matches_the_textbook_distance():

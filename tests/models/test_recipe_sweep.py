@@ -1,17 +1,9 @@
 """bench/sweep_intent.py's selection rule: the recipe is chosen from validation/dev scores alone."""
-import importlib.util
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from .conftest import load_bench_script
 
 
 def load_sweep():
-    spec = importlib.util.spec_from_file_location("sweep_intent", ROOT / "bench" / "sweep_intent.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("sweep_intent", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("sweep_intent")
 
 
 def job(i, score, loss, seed=0, **extra):
