@@ -91,18 +91,19 @@ def main(argv: list[str] | None = None) -> int:
 
     clf = OnnxIntentClassifier.load(args.model, threads=2)
     t0 = time.perf_counter()
-    probs, knn = clf.scores(list(test.texts))
-    _, test_emb = clf.encode(list(test.texts))
+    test_logits, test_emb = clf.encode(list(test.texts))
+    probs, served = clf.scores_of(test_logits, test_emb)
     _, train_emb = clf.encode(list(train.texts))
     labels = list(clf.labels)
     clf.close()
     embed_seconds = time.perf_counter() - t0
 
-    trained = [lab for lab in labels if lab in set(train.labels)]   # all of them for a held-out model
+    trained_labels = set(train.labels)
+    trained = [lab for lab in labels if lab in trained_labels]   # all of them for a held-out model
     means, shared, mean0, background = fit_gaussians(train_emb, np.asarray(train.labels), trained)
     md = mahalanobis(test_emb, means, shared)
     md0 = mahalanobis(test_emb, mean0[None, :], background)
-    scores = {"knn_cosine": knn if clf.oos_score == "knn_cosine" else None,
+    scores = {clf.oos_score: served,   # knn_cosine for a model kefu trains; max_prob repeats it otherwise
               "max_prob": probs.max(1),
               "mahalanobis": -md.min(1),
               "relative_mahalanobis": -(md - md0).min(1)}
@@ -110,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     correct = pred == true
     rows = {}
     for name, s in scores.items():
-        if s is None:
-            continue
         m = compute_metrics(labels, true, probs, s, float(s.min()))
         rows[name] = {"auroc": m["oos_auroc"],
                       "best_in_scope_at_recall": {f"{r:.2f}": best_in_scope_at(s, correct, is_oos, r)

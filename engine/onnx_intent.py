@@ -148,8 +148,12 @@ class OnnxIntentClassifier(IntentClassifier):
 
     def scores(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(confidence per label, out-of-scope score) arrays: what predict_batch ranks."""
-        logits, emb = self.encode(texts)
-        knn = knn_label_scores(emb, self._bank, self._starts) if self._bank is not None and len(texts) else None
+        return self.scores_of(*self.encode(texts))
+
+    def scores_of(self, logits: np.ndarray, emb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``scores`` from outputs ``encode`` already returned (for a caller that needs the
+        embeddings too, without running the model twice)."""
+        knn = knn_label_scores(emb, self._bank, self._starts) if self._bank is not None and len(emb) else None
         return combine_scores(logits, knn, mix=self._mix, temperature=self._temperature,
                               oos_score=self.oos_score)
 
