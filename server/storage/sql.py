@@ -80,6 +80,20 @@ def _storage_errors(what: str):
     return deco
 
 
+def _operation(what: str):
+    """A public storage operation: failures become StorageError (see _storage_errors), and it
+    runs detached from its caller (SqlStorage._detach), so a cancelled caller never cuts a
+    database conversation short."""
+    def deco(fn):
+        guarded = _storage_errors(what)(fn)
+
+        @functools.wraps(fn)
+        async def wrapper(self: "SqlStorage", *args, **kwargs):
+            return await self._detach(guarded(self, *args, **kwargs))
+        return wrapper
+    return deco
+
+
 @dataclass(slots=True)
 class _Append:
     conversation_id: str
@@ -205,6 +219,7 @@ class SqlStorage(Storage):
         # turns on a fair asyncio.Lock and reach SQLite one at a time; busy_timeout is left
         # for other processes.  (PostgreSQL and MySQL lock rows, so writes run in parallel.)
         self._serial_writes = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._running: set[asyncio.Task] = set()     # operations in flight (see _detach)
 
     @contextlib.asynccontextmanager
     async def _write(self):
@@ -215,6 +230,32 @@ class SqlStorage(Storage):
         else:
             async with self._serial_writes, self.write_engine.begin() as conn:
                 yield conn
+
+    async def _detach(self, operation: Any) -> Any:
+        """Run one operation in its own task and wait for it behind a shield.
+
+        Why: cancelling a task in the middle of a query makes SQLAlchemy invalidate the
+        connection, and a second cancellation while it closes leaves aiosqlite waiting on
+        a worker thread that has already stopped: a task that never ends, which hangs the
+        event loop's shutdown (asyncio.run cancels it once and waits forever).  Cancels
+        come in pairs in practice: a handler cancelled on disconnect and again at server
+        shutdown.  Detached, the query runs to its end (bounded by busy/lock timeouts), its
+        connection goes back to the pool, and the caller alone sees CancelledError.
+        close() waits for these operations before disposing the pools."""
+        if self._closed:
+            operation.close()
+            raise StorageError("storage is closed")
+        task = asyncio.ensure_future(operation)
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+        return await asyncio.shield(task)
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Retrieved here so a failure whose caller was cancelled is not reported as
+            # "never retrieved"; a caller still waiting gets it through the shield.
+            log.debug("storage operation failed: %r", task.exception())
 
     @property
     def stats(self):
@@ -294,6 +335,8 @@ class SqlStorage(Storage):
             return
         self._closed = True
         try:
+            # Operations whose callers went away finish and return their connections first.
+            await asyncio.gather(*self._running, return_exceptions=True)
             await self.committer.close()      # drains: every submitted append is written
         finally:
             await self._dispose()
@@ -304,7 +347,7 @@ class SqlStorage(Storage):
             await self.read_engine.dispose()
 
     # -- conversations
-    @_storage_errors("create_conversation")
+    @_operation("create_conversation")
     async def create_conversation(self, visitor_id: str, bot: str, state: str = BOT,
                                   meta: dict[str, Any] | None = None) -> Conversation:
         if state not in STATES:
@@ -319,13 +362,13 @@ class SqlStorage(Storage):
                 created_at=now, updated_at=now, last_seq=0, meta=_json(meta)))
         return conv
 
-    @_storage_errors("get_conversation")
+    @_operation("get_conversation")
     async def get_conversation(self, conversation_id: str) -> Conversation | None:
         async with self.read_engine.connect() as conn:
             row = (await conn.execute(sa.select(_C).where(_C.c.id == conversation_id))).first()
         return _conversation(row) if row is not None else None
 
-    @_storage_errors("list_conversations")
+    @_operation("list_conversations")
     async def list_conversations(self, *, state: str | None = None, agent_id: str | None = None,
                                  visitor_id: str | None = None, limit: int = 50,
                                  before: float | None = None) -> list[Conversation]:
@@ -346,7 +389,7 @@ class SqlStorage(Storage):
         async with self.read_engine.connect() as conn:
             return [_conversation(r) for r in await conn.execute(q)]
 
-    @_storage_errors("transition")
+    @_operation("transition")
     async def transition(self, conversation_id: str, *, to_state: str, agent_id: str | None,
                          from_states: Sequence[str] | None = None,
                          from_agent: Any = UNSET) -> Conversation | None:
@@ -434,7 +477,7 @@ class SqlStorage(Storage):
         # Leaving the block committed the transaction; only now are results handed out.
         return results
 
-    @_storage_errors("reading messages")
+    @_operation("reading messages")
     async def messages(self, conversation_id: str, *, after_seq: int = 0,
                        limit: int = 100) -> list[StoredMessage]:
         limit = min(int(limit), MAX_PAGE)
@@ -447,7 +490,7 @@ class SqlStorage(Storage):
             return [_message(r) for r in await conn.execute(q)]
 
     # -- agents
-    @_storage_errors("add_agent")
+    @_operation("add_agent")
     async def add_agent(self, username: str, password_hash: str, *, display_name: str = "",
                         capacity: int = 5, team: str = "default") -> Agent:
         agent = Agent(id=secrets.token_hex(16), username=username,
@@ -463,7 +506,7 @@ class SqlStorage(Storage):
             raise Conflict(f"agent username {username!r} is taken") from exc
         return agent
 
-    @_storage_errors("get_agent")
+    @_operation("get_agent")
     async def get_agent(self, *, agent_id: str | None = None,
                         username: str | None = None) -> Agent | None:
         if (agent_id is None) == (username is None):
@@ -473,12 +516,12 @@ class SqlStorage(Storage):
             row = (await conn.execute(sa.select(_A).where(cond))).first()
         return _agent(row) if row is not None else None
 
-    @_storage_errors("list_agents")
+    @_operation("list_agents")
     async def list_agents(self) -> list[Agent]:
         async with self.read_engine.connect() as conn:
             return [_agent(r) for r in await conn.execute(sa.select(_A).order_by(_A.c.username))]
 
-    @_storage_errors("update_agent")
+    @_operation("update_agent")
     async def update_agent(self, agent_id: str, *, password_hash: str | None = None,
                            capacity: int | None = None,
                            display_name: str | None = None) -> Agent | None:

@@ -205,10 +205,12 @@ async def _drain_leftover_tasks() -> None:
     """Cancel what the stopped server left running, as often as it takes, before pytest-asyncio
     closes the loop.
 
-    The loop's own close cancels leftovers once and then waits for them without a limit.  About
-    one run in twenty, a SQLAlchemy aiosqlite connection dropped during shutdown leaves a
-    ``_terminate_graceful_close`` task that swallows that one cancellation and then waits
-    forever for its worker thread (seen as a 300 s pytest-timeout at a test's teardown).
+    The loop's own close cancels leftovers once and then waits for them without a limit, so a
+    task that swallows one cancellation hangs the teardown until pytest-timeout (300 s).  The
+    one such task seen here, an aiosqlite connection's ``_terminate_graceful_close`` waiting on
+    a stopped worker thread after a read was cancelled twice, is prevented in storage now
+    (``SqlStorage._detach``; test_storage checks it); this stays as a guard so another one
+    costs a second, not a 300 s timeout.
     """
     gc.collect()   # run finalizers now: they may create such tasks
     me = asyncio.current_task()

@@ -339,6 +339,32 @@ async def test_close_drains_the_queue(target):
         await s.close()
 
 
+async def test_a_read_cancelled_twice_mid_query_leaves_nothing_running_after_close(target):
+    # Cancelled mid-query, SQLAlchemy invalidates the connection; a second cancel while it
+    # closes used to leave an aiosqlite close waiting on a stopped thread forever, which hung
+    # the event loop's shutdown.  Operations now finish detached from their callers.
+    s = await target.open()
+    conv = await s.create_conversation("v", "shop")
+    for i in range(30):
+        await s.append(conv.id, role="visitor", sender_id="v", text=f"m{i}")
+    before = asyncio.all_tasks()
+    for turns in range(40):            # cancel at every point of a query's progress
+        task = asyncio.ensure_future(s.messages(conv.id))
+        for _ in range(turns):
+            await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.sleep(0)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert task.done()
+    assert len(await s.messages(conv.id)) == 30      # the pool still serves
+    await s.close()
+    left = {t for t in asyncio.all_tasks() - before if t is not asyncio.current_task()}
+    assert not left, [t.get_coro() for t in left]
+    with pytest.raises(StorageError, match="closed"):
+        await s.get_conversation(conv.id)
+
+
 async def test_storage_error_when_database_unwritable_reads_still_work(target):
     s = await target.open()
     conv = await s.create_conversation("v", "shop")
