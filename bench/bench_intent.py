@@ -68,8 +68,10 @@ def host_probe() -> dict:
     """How fast this host runs right now, recorded beside every speed figure.
 
     The development machine is a shared 2-core VM whose speed has varied about twofold between
-    sessions with nothing else running on it; a fixed pure-Python loop (one core, no library
-    in the way) lets two speed figures be compared, or a slow run be attributed to the host.
+    sessions with nothing else running on it.  Two probes, because they disagreed: a fixed
+    pure-Python loop (one core, no library in the way) read as fast on 2026-12-03 as on a fast
+    day while the model ran at half speed; the int8 matrix product, run by ONNX Runtime on one
+    thread at a served query's shape, measures the vector units the model actually uses.
     """
     loops = []
     for _ in range(3):
@@ -79,7 +81,39 @@ def host_probe() -> dict:
             total += i
         loops.append(time.perf_counter() - t0)
     return {"python_loop_1e7_seconds": min(loops), "load_average_1m": os.getloadavg()[0],
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "ort_int8_matmul_gops": ort_int8_matmul_gops()}
+
+
+def ort_int8_matmul_gops(rows: int = 16, inner: int = 384, cols: int = 1536, runs: int = 2000) -> float:
+    """Billions of int8 multiply-adds x 2 a second for ONNX Runtime's MatMulInteger on one
+    thread: a [rows, inner] x [inner, cols] product, MiniLM's feed-forward layer for a query of
+    16 tokens (the served model's own kernels, without the model).  Best of three."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.integers(-127, 128, (inner, cols), dtype=np.int8), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["x", "w"], ["y"])], "probe",
+        [helper.make_tensor_value_info("x", TensorProto.UINT8, [rows, inner])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [rows, cols])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    feed = {"x": rng.integers(0, 256, (rows, inner), dtype=np.uint8)}
+    for _ in range(100):
+        session.run(None, feed)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(runs):
+            session.run(None, feed)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * rows * inner * cols * runs / best / 1e9
 
 
 def speed(model_dir: Path, texts: list[str], n_single: int = 1000) -> dict:
@@ -200,6 +234,8 @@ def table(results: dict) -> str:
             hp = s["host_probe"]
             rows.append(("host probe (Python loop of 1e7; load)",
                          f"{hp['python_loop_1e7_seconds']:.2f} s; {hp['load_average_1m']:.2f}"))
+            if "ort_int8_matmul_gops" in hp:      # recorded since 2026-12-03
+                rows.append(("host probe (int8 matmul, 1 thread)", f"{hp['ort_int8_matmul_gops']:.0f} GOPS"))
     if "heldout" in results:
         h = results["heldout"]
         rows += [("held-out: in-scope accuracy", pct(h["in_scope_accuracy"])),

@@ -590,7 +590,9 @@ class Router:
         if not self.bot_teams:
             return DEFAULT_TEAM
         team = self._teams.get(conversation_id)
-        if team is None:
+        if team is not None:
+            self._teams.move_to_end(conversation_id)     # least recently used goes first
+        else:
             conv = await self.storage.get_conversation(conversation_id)
             if conv is None:
                 return DEFAULT_TEAM

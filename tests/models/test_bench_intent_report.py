@@ -12,15 +12,35 @@ def test_host_probe_measures_the_loop_and_reads_the_load():
     assert probe["python_loop_1e7_seconds"] > 0
     assert probe["load_average_1m"] >= 0
     assert probe["cpu_count"] >= 1
+    assert probe["ort_int8_matmul_gops"] > 0
+
+
+def test_the_matmul_probe_counts_two_operations_per_multiply_add(monkeypatch):
+    # With a clock that advances one second per reading, each timed repeat takes exactly 1 s,
+    # so the rate must be the product's multiply-adds x 2 x runs, in billions.
+    bench = load_bench()
+    ticks = iter(range(1_000))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(ticks)))
+    assert bench.ort_int8_matmul_gops(rows=4, inner=8, cols=16, runs=10) == 2 * 4 * 8 * 16 * 10 / 1e9
 
 
 def test_the_table_prints_the_probe_beside_the_speed_figures():
     bench = load_bench()
     speed = {"single_p50_ms": 1.2, "single_p99_ms": 3.9, "batched_qps_2threads": 1564.0,
-             "host_probe": {"python_loop_1e7_seconds": 0.61, "load_average_1m": 0.4, "cpu_count": 2}}
+             "host_probe": {"python_loop_1e7_seconds": 0.61, "load_average_1m": 0.4, "cpu_count": 2,
+                            "ort_int8_matmul_gops": 612.4}}
     text = bench.table({"speed": speed})
     assert "1.20 / 3.90 ms" in text
     assert "0.61 s; 0.40" in text
+    assert "612 GOPS" in text
+
+
+def test_a_probe_from_before_the_matmul_probe_still_prints():
+    bench = load_bench()
+    speed = {"single_p50_ms": 1.2, "single_p99_ms": 3.9, "batched_qps_2threads": 1564.0,
+             "host_probe": {"python_loop_1e7_seconds": 0.61, "load_average_1m": 0.4, "cpu_count": 2}}
+    text = bench.table({"speed": speed})
+    assert "0.61 s; 0.40" in text and "GOPS" not in text
 
 
 def test_a_result_from_before_the_probe_still_prints():

@@ -538,3 +538,17 @@ async def test_team_cache_stays_bounded_and_still_answers(storage, monkeypatch):
     assert [await router.team_of(c) for c in cids] == ["sales"] * 6
     assert len(router._teams) == 3
     assert await router.team_of(cids[0]) == "sales"   # evicted earlier: read from storage again
+
+
+async def test_team_cache_evicts_the_least_recently_used(storage, monkeypatch):
+    """Rule: a conversation whose team is asked for keeps its cache entry; the one nobody asked
+    about for longest is evicted (an active chat never pays a database read per routing call)."""
+    from server import routing
+
+    monkeypatch.setattr(routing, "TEAM_CACHE_SIZE", 3)
+    router = Router(storage, bot_teams={"shop": "sales"})
+    a, b, c, d = await new_convs(storage, 4)
+    for cid in (a, b, c, a):              # a is asked for again: now the most recent
+        await router.team_of(cid)
+    await router.team_of(d)               # evicts b, the least recently used
+    assert list(router._teams) == [c, a, d]
