@@ -159,6 +159,8 @@ async def _close(app: Sanic, _loop: Any = None) -> None:
     ctx: KefuContext = app.ctx
     if ctx.chat is not None:
         await ctx.chat.stop()
+    if ctx.router is not None:
+        await ctx.router.drain()      # routing operations whose callers were cancelled
     if ctx.engine is not None:
         await ctx.engine.close()
     if ctx.storage is not None:

@@ -32,7 +32,9 @@ without notifying (the winner did).
 from __future__ import annotations
 
 import abc
+import asyncio
 import bisect
+import functools
 import heapq
 import itertools
 import logging
@@ -555,6 +557,37 @@ class InMemoryRoutingState(RoutingState):
 Notify = Callable[[Event], Awaitable[None]]
 
 
+def _runs_to_end(fn):
+    """A routing operation that its caller's cancellation does not cut in half.
+
+    Why: storage finishes a write whose caller was cancelled (``SqlStorage._detach``), so a
+    handoff interrupted between its stored compare-and-set and routing's own update (a
+    visitor's socket closing mid-handoff cancels the handler) would leave the conversation
+    stored as an agent's while the agent's load, queue and screen never learnt of it.  The
+    operation runs in its own task; the caller alone is cancelled.  A failure that no caller
+    is left to receive is logged."""
+    @functools.wraps(fn)
+    async def wrapper(self: "Router", *args, **kwargs):
+        task = asyncio.ensure_future(fn(self, *args, **kwargs))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(functools.partial(_log_orphan_failure, fn.__name__))
+            raise
+    return wrapper
+
+
+def _log_orphan_failure(what: str, task: asyncio.Task) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, RoutingError):
+        log.error("routing: %s failed after its caller went away", what, exc_info=exc)
+
+
 class Router:
     """Least-loaded routing over a :class:`Storage` (source of truth) and a
     :class:`RoutingState` (presence, load, queue).  See the module docstring."""
@@ -578,8 +611,16 @@ class Router:
         self.clock = clock
         self.state = state if state is not None else InMemoryRoutingState()
         self._now = now or (lambda: datetime.now(timezone.utc))
+        # operations whose callers may be gone, still running (see _runs_to_end)
+        self._running: set[asyncio.Task] = set()
         # conversations re-queued after their agent's grace expired -> that agent
         self._previous: dict[str, str] = {}
+
+    async def drain(self) -> None:
+        """Wait for operations still running after their callers went away (at shutdown,
+        before storage closes: each one finishes its stored write and routing's update)."""
+        while self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
 
     # -- teams
     def team_of_bot(self, bot: str | None) -> str:
@@ -615,6 +656,7 @@ class Router:
             log.exception("routing notify failed for %r", event)
 
     # -- agents
+    @_runs_to_end
     async def agent_connected(self, agent_id: str, capacity: int, team: str = DEFAULT_TEAM) -> None:
         """A socket of this agent opened (an agent may have several tabs).  Cancels a pending
         grace expiry and offers queued conversations (of the agent's team)."""
@@ -623,10 +665,12 @@ class Router:
         await self.state.connect(agent_id, capacity, team)
         await self._offer()
 
+    @_runs_to_end
     async def agent_disconnected(self, agent_id: str) -> None:
         """A socket closed; when the last one goes, the grace period starts."""
         await self.state.disconnect(agent_id, self.clock() + self.grace_s)
 
+    @_runs_to_end
     async def set_presence(self, agent_id: str, status: str) -> None:
         """``online`` or ``away`` (keeps its conversations, gets no new ones)."""
         if status not in PRESENCES:
@@ -636,6 +680,7 @@ class Router:
         if status == ONLINE:
             await self._offer()
 
+    @_runs_to_end
     async def set_capacity(self, agent_id: str, capacity: int) -> None:
         if capacity < 0:
             raise RoutingError("invalid", "capacity must be >= 0")
@@ -644,6 +689,7 @@ class Router:
         await self._offer()
 
     # -- conversations
+    @_runs_to_end
     async def request_human(self, conversation_id: str) -> Assigned | Queued | Unavailable:
         """Route a conversation that wants a person (state bot or queued)."""
         owner = await self.state.owner(conversation_id)
@@ -675,6 +721,7 @@ class Router:
             return await self._settle(conversation_id, raise_on_lost=True)
         return Queued(conversation_id, pos)
 
+    @_runs_to_end
     async def accept(self, conversation_id: str, agent_id: str) -> Assigned:
         """An agent takes a queued conversation by hand (if connected and under capacity;
         an agent who is away may still pick one explicitly).  Only from the agent's own team
@@ -692,6 +739,7 @@ class Router:
             raise RoutingError("not_queued", f"{conversation_id} is not queued")
         return await self._assigned(conversation_id, agent_id)
 
+    @_runs_to_end
     async def release(self, conversation_id: str) -> None:
         """The conversation was closed or returned (the caller changed its stored state):
         free its agent's slot (or its place in the queue) and offer the queue."""
@@ -701,6 +749,7 @@ class Router:
         self._teams.pop(conversation_id, None)
         await self._offer()
 
+    @_runs_to_end
     async def close(self, conversation_id: str, agent_id: str | None = None) -> Conversation:
         """Close in storage (only by its owner when ``agent_id`` is given), then release."""
         kw: dict[str, Any] = {} if agent_id is None else {"from_agent": agent_id}
@@ -718,6 +767,7 @@ class Router:
         await self.release(conversation_id)
         return conv
 
+    @_runs_to_end
     async def transfer(self, conversation_id: str, from_agent: str, to_agent: str) -> Assigned:
         """Only the owner may transfer; the target must be connected, online (not away) and
         under capacity, and in the conversation's team (else ``forbidden``)."""

@@ -445,6 +445,31 @@ async def test_concurrent_requests_one_router_respect_capacity(storage, router):
     assert sorted(r.position for r in results if isinstance(r, Queued)) == list(range(1, 16))
 
 
+async def test_a_caller_cancelled_mid_assignment_leaves_storage_and_routing_agreeing(storage, router, events):
+    """Rule: storage finishes a write whose caller was cancelled (a visitor's socket closed
+    mid-handoff), so routing finishes the operation too: the conversation stored as the
+    agent's is counted in the agent's load and announced, never stored but unknown."""
+    (cid,) = await new_convs(storage, 1)
+    await router.agent_connected("a", 5)
+    real = storage.transition
+    writing = asyncio.Event()
+
+    async def transition(*args, **kwargs):
+        writing.set()
+        return await real(*args, **kwargs)
+
+    storage.transition = transition
+    caller = asyncio.ensure_future(router.request_human(cid))
+    await writing.wait()                  # the compare-and-set is in the database now
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await router.drain()
+    assert await stored(storage, cid) == (HUMAN, "a")
+    assert router.load("a") == 1 and await router.state.owner(cid) == "a"
+    assert [e.conversation_id for e in events.assigned()] == [cid]
+
+
 # --------------------------------------------------------------------------- restart
 async def test_restore_after_restart_rebuilds_load_and_queue(storage, clock, events):
     a = (await storage.add_agent("alice", "x", capacity=1)).id
