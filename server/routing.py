@@ -48,6 +48,7 @@ from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
 from zoneinfo import ZoneInfo
 
 from server.storage.base import BOT, CLOSED, HUMAN, QUEUED, Conversation, Storage
+from server.storage.detached import run_to_end, wait_all
 
 log = logging.getLogger(__name__)
 
@@ -564,28 +565,15 @@ def _runs_to_end(fn):
     handoff interrupted between its stored compare-and-set and routing's own update (a
     visitor's socket closing mid-handoff cancels the handler) would leave the conversation
     stored as an agent's while the agent's load, queue and screen never learnt of it.  The
-    operation runs in its own task; the caller alone is cancelled.  A failure that no caller
-    is left to receive is logged."""
+    operation runs in its own task (``run_to_end``); the caller alone is cancelled."""
+    def orphan_failure(exc: BaseException) -> None:
+        if not isinstance(exc, RoutingError):     # a refusal nobody waits for is no news
+            log.error("routing: %s failed after its caller went away", fn.__name__, exc_info=exc)
+
     @functools.wraps(fn)
     async def wrapper(self: "Router", *args, **kwargs):
-        task = asyncio.ensure_future(fn(self, *args, **kwargs))
-        self._running.add(task)
-        task.add_done_callback(self._running.discard)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done():
-                task.add_done_callback(functools.partial(_log_orphan_failure, fn.__name__))
-            raise
+        return await run_to_end(fn(self, *args, **kwargs), self._running, orphan_failure=orphan_failure)
     return wrapper
-
-
-def _log_orphan_failure(what: str, task: asyncio.Task) -> None:
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None and not isinstance(exc, RoutingError):
-        log.error("routing: %s failed after its caller went away", what, exc_info=exc)
 
 
 class Router:
@@ -619,8 +607,7 @@ class Router:
     async def drain(self) -> None:
         """Wait for operations still running after their callers went away (at shutdown,
         before storage closes: each one finishes its stored write and routing's update)."""
-        while self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+        await wait_all(self._running)
 
     # -- teams
     def team_of_bot(self, bot: str | None) -> str:

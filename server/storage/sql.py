@@ -43,6 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from . import migrations, schema
 from .base import (BOT, ROLES, STATES, UNSET, Agent, Conversation, Storage, StorageError,
                    StoredMessage)
+from .detached import run_to_end, wait_all
 from .group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ def _operation(what: str):
             return await self._detach(guarded(self, *args, **kwargs))
         return wrapper
     return deco
+
+
+def _orphan_failure(exc: BaseException) -> None:
+    # The caller was cancelled (it went away): nobody else would hear of this failure.
+    log.warning("storage operation failed after its caller went away: %r", exc)
 
 
 @dataclass(slots=True)
@@ -232,7 +238,7 @@ class SqlStorage(Storage):
                 yield conn
 
     async def _detach(self, operation: Any) -> Any:
-        """Run one operation in its own task and wait for it behind a shield.
+        """Run one operation to its end (``detached.run_to_end``), whatever its caller does.
 
         Why: cancelling a task in the middle of a query makes SQLAlchemy invalidate the
         connection, and a second cancellation while it closes leaves aiosqlite waiting on
@@ -245,17 +251,7 @@ class SqlStorage(Storage):
         if self._closed:
             operation.close()
             raise StorageError("storage is closed")
-        task = asyncio.ensure_future(operation)
-        self._running.add(task)
-        task.add_done_callback(self._finished)
-        return await asyncio.shield(task)
-
-    def _finished(self, task: asyncio.Task) -> None:
-        self._running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            # Retrieved here so a failure whose caller was cancelled is not reported as
-            # "never retrieved"; a caller still waiting gets it through the shield.
-            log.debug("storage operation failed: %r", task.exception())
+        return await run_to_end(operation, self._running, orphan_failure=_orphan_failure)
 
     @property
     def stats(self):
@@ -336,7 +332,7 @@ class SqlStorage(Storage):
         self._closed = True
         try:
             # Operations whose callers went away finish and return their connections first.
-            await asyncio.gather(*self._running, return_exceptions=True)
+            await wait_all(self._running)
             await self.committer.close()      # drains: every submitted append is written
         finally:
             await self._dispose()
