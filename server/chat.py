@@ -14,6 +14,7 @@ Rules kept here (docs/protocol.md is the client-facing description):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any, Awaitable, Callable
@@ -29,6 +30,7 @@ from .errors import NotFound, Unauthorized
 from .metrics import Metrics
 from .routing import RoutingError
 from .storage.base import BOT, CLOSED, HUMAN, QUEUED, Agent, Conversation, Storage, StorageError, StoredMessage
+from .storage.detached import run_to_end
 
 log = logging.getLogger("kefu.server")
 
@@ -80,6 +82,7 @@ class Chat:
         self.agent_names: dict[str, str] = {}
         self.agent_teams: dict[str, str] = {}     # agent id -> team (from storage, at hello)
         self.tasks: set[asyncio.Task] = set()
+        self.stopping = asyncio.Event()    # set by stop(): bot turns skip their typing delay
         self.new_conv_limit = WindowCounter(int(settings["new_conversations_per_ip_per_min"]))
         self.window_counters: list[WindowCounter] = [self.new_conv_limit]   # swept every second
         self.wheel = TimingWheel(float(settings.get("tick_s", 1.0)), self._check_conn, self._tick)
@@ -104,9 +107,16 @@ class Chat:
         self.wheel.start()
 
     async def stop(self) -> None:
+        """Close every socket, then let bot turns in progress store their replies (the visitor
+        finds them on resume) for up to ``bot_timeout_s``; what is left is cancelled."""
         await self.wheel.stop()
+        self.stopping.set()
         for conn in list(self.registry.connections):
             conn.close(P.CLOSE_GOING_AWAY, "server shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(self.s["bot_timeout_s"])
+        while self.tasks and loop.time() < deadline:   # (a turn may start a handoff meanwhile)
+            await asyncio.wait(list(self.tasks), timeout=deadline - loop.time())
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
@@ -420,8 +430,11 @@ class Chat:
                 log.exception("bot %s failed; handing off %s", c.bot, c.id)
                 await self.handoff(c, "bot_error")
                 return
-            if turn.delay_s > 0:
-                await asyncio.sleep(turn.delay_s)
+            if turn.delay_s > 0 and not self.stopping.is_set():
+                # The typing delay, cut short by stop(): a reply is worth more than the pause.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(turn.delay_s):
+                        await self.stopping.wait()
             self._typing_frame(c, "bot", c.bot, False)
             if c.state != BOT:   # the visitor asked for a person meanwhile
                 return
@@ -434,7 +447,16 @@ class Chat:
             await self.handoff(c, turn.handoff.reason)
 
     async def handoff(self, c: ConvState, reason: str) -> None:
-        """Bot -> a person: a state change.  The bot stops answering at once."""
+        """Bot -> a person: a state change.  The bot stops answering at once.  It runs to its
+        end even when the visitor's socket closes meanwhile (the handler is cancelled then):
+        stopped half-way, the conversation would stay queued here and ``bot`` in storage,
+        where no agent would ever see it."""
+        if c.state != BOT:
+            return
+        await run_to_end(self._handoff(c, reason), self.tasks, orphan_failure=lambda exc: log.error(
+            "handoff of %s failed after the visitor went away", c.id, exc_info=exc))
+
+    async def _handoff(self, c: ConvState, reason: str) -> None:
         if c.state != BOT:
             return
         c.state = QUEUED   # provisional: stops the bot; the router's answer sets the real state

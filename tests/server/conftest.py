@@ -87,14 +87,26 @@ class Client:
 
 
 class Server:
-    def __init__(self, app, port: int) -> None:
-        self.app, self.port = app, port
+    def __init__(self, app, port: int, srv: Any = None) -> None:
+        self.app, self.port, self.srv = app, port, srv
+        self.stopped = False
         self.base = f"http://127.0.0.1:{port}"
         self.ws_base = f"ws://127.0.0.1:{port}"
 
     @property
     def ctx(self):
         return self.app.ctx
+
+    async def stop(self) -> None:
+        """Shut the server down as Sanic does on SIGTERM (a test may then start another on the
+        same data folder)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.srv.before_stop()
+        self.srv.close()
+        await self.srv.wait_closed()
+        await self.srv.after_stop()
 
     async def connect(self, path: str, *, origin: str | None = ORIGIN, **kw: Any) -> Client:
         kw.setdefault("open_timeout", TIMEOUT)
@@ -189,15 +201,13 @@ async def server_factory(tmp_path):
         await srv.startup()
         await srv.before_start()
         await srv.after_start()
-        started.append(srv)
-        return Server(app, sock.getsockname()[1])
+        server = Server(app, sock.getsockname()[1], srv)
+        started.append(server)
+        return server
 
     yield start
-    for srv in reversed(started):
-        await srv.before_stop()
-        srv.close()
-        await srv.wait_closed()
-        await srv.after_stop()
+    for server in reversed(started):
+        await server.stop()
     await _drain_leftover_tasks()
 
 

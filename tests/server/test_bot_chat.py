@@ -1,8 +1,13 @@
 """A visitor talks to the bot over a real WebSocket."""
 from __future__ import annotations
 
+import asyncio
+
 import msgpack
 
+from engine import hookimpl
+
+from . import testbot
 from .conftest import Client
 
 
@@ -45,3 +50,28 @@ async def test_type_ahead_suggestions(server):
     assert got["prefix"] == "what is the mean" and got["items"] and got["items"][0].lower().startswith("what is the mean")
     await client.send({"type": "suggest", "prefix": ""})
     assert (await client.expect("suggestions"))["items"] == []
+
+
+async def test_a_reply_still_typing_at_shutdown_is_stored_for_the_visitor(server_factory, tmp_path):
+    """Rule: stopping the server (a deploy) does not lose the bot's answer to a message it
+    acknowledged: the typing pause is cut short and the reply stored, so the visitor finds it
+    on resume after the restart."""
+    asked = asyncio.Event()
+
+    class SlowTyping:
+        @hookimpl
+        def reply_delay(self, reply, bot, context):
+            asked.set()
+            return 600.0                      # far longer than any shutdown waits
+
+    data = tmp_path / "data"
+    server = await server_factory(plugins=(testbot, SlowTyping()), data_dir=data)
+    client, welcome = await server.visitor()
+    conv = welcome["conversation"]["id"]
+    await client.message("when are you open")
+    await asyncio.wait_for(asked.wait(), 5)   # the turn has its reply and starts to "type"
+    await server.stop()
+    again = await server_factory(data_dir=data)
+    stored = await again.ctx.storage.messages(conv)
+    assert [(m.role, m.text) for m in stored][-2:] == [("visitor", "when are you open"),
+                                                        ("bot", "We are open 9 to 5.")]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 
 def is_event(name):
     return lambda f: f.get("type") == "message" and f.get("kind") == "event" and f["meta"].get("event") == name
@@ -218,3 +220,31 @@ async def test_away_agent_gets_no_new_conversations_and_capacity_frame(server):
     assert agent.capacity == 2
     await jo.send({"type": "presence", "status": "sleeping"})
     assert (await jo.expect("error"))["code"] == "bad_field"
+
+
+async def test_a_handoff_whose_caller_is_cancelled_still_queues_the_conversation(server, monkeypatch):
+    """Rule: a handoff runs to its end when the visitor's socket closes meanwhile (its handler is
+    cancelled): the conversation is stored as queued, where agents will see it, not left
+    ``bot`` in storage while the server has stopped the bot for it."""
+    visitor, vw = await server.visitor()
+    cid = vw["conversation"]["id"]
+    chat, router = server.ctx.chat, server.ctx.router
+    c = await chat.conversation(cid)
+    routing, go_on = asyncio.Event(), asyncio.Event()
+    real = router.request_human
+
+    async def slow_request_human(conversation_id):
+        routing.set()
+        await go_on.wait()
+        return await real(conversation_id)
+
+    monkeypatch.setattr(router, "request_human", slow_request_human)
+    caller = asyncio.ensure_future(chat.handoff(c, "asked"))
+    await routing.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    go_on.set()
+    ev = await visitor.expect(is_event("unavailable"))     # nobody online: it waits, stored
+    assert ev["meta"]["state"] == "queued"
+    assert (await server.ctx.storage.get_conversation(cid)).state == "queued"
