@@ -112,6 +112,7 @@ def create_app(config: Config | None = None, *, plugins: Iterable[object] = (), 
     _static(app, settings)
 
     app.before_server_start(_open)
+    app.before_server_stop(_going_away)
     app.after_server_stop(_close)
     return app
 
@@ -153,6 +154,11 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
     ctx.metrics.gauge("kefu_agents_online", lambda: len(registry.by_agent), "Agents with a socket open.")
     ctx.metrics.gauge("kefu_queue_length", lambda: len(ctx.router.queue()), "Conversations waiting for an agent.")
     chat.start()
+
+
+async def _going_away(app: Sanic, _loop: Any = None) -> None:
+    if app.ctx.chat is not None:
+        await app.ctx.chat.going_away()
 
 
 async def _close(app: Sanic, _loop: Any = None) -> None:

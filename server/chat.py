@@ -106,6 +106,17 @@ class Chat:
     def start(self) -> None:
         self.wheel.start()
 
+    async def going_away(self, timeout: float = 2.0) -> None:
+        """Close every socket with 1001 while the server still runs (before Sanic closes them
+        with 1000, "normal closure", which a client may take as final), waiting up to
+        ``timeout`` for the close frames to go out."""
+        conns = list(self.registry.connections)
+        for conn in conns:
+            conn.close(P.CLOSE_GOING_AWAY, "server shutting down")
+        writers = [conn.writer for conn in conns if not conn.writer.done()]
+        if writers:
+            await asyncio.wait(writers, timeout=timeout)
+
     async def stop(self) -> None:
         """Close every socket, then let bot turns in progress store their replies (the visitor
         finds them on resume) for up to ``bot_timeout_s``; what is left is cancelled."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import msgpack
+import pytest
 
 from engine import hookimpl
 
@@ -75,3 +76,20 @@ async def test_a_reply_still_typing_at_shutdown_is_stored_for_the_visitor(server
     stored = await again.ctx.storage.messages(conv)
     assert [(m.role, m.text) for m in stored][-2:] == [("visitor", "when are you open"),
                                                         ("bot", "We are open 9 to 5.")]
+
+
+async def test_clients_are_told_the_server_is_going_away_at_shutdown(server_factory):
+    """Rule: a stopping server closes sockets with 1001 (docs/protocol.md: reconnect with
+    backoff), not the 1000 "normal closure" Sanic would send, which a client may take as final."""
+    from websockets.exceptions import ConnectionClosed
+
+    server = await server_factory()
+    client, _ = await server.visitor()
+    stopping = asyncio.ensure_future(server.stop())
+    try:
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await client.recv()
+    finally:
+        await stopping
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
