@@ -122,8 +122,7 @@ class Chat:
         finds them on resume) for up to ``bot_timeout_s``; what is left is cancelled."""
         await self.wheel.stop()
         self.stopping.set()
-        for conn in list(self.registry.connections):
-            conn.close(P.CLOSE_GOING_AWAY, "server shutting down")
+        await self.going_away(timeout=0)   # any socket left after the before-stop round
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(self.s["bot_timeout_s"])
         while self.tasks and loop.time() < deadline:   # (a turn may start a handoff meanwhile)
@@ -441,7 +440,7 @@ class Chat:
                 log.exception("bot %s failed; handing off %s", c.bot, c.id)
                 await self.handoff(c, "bot_error")
                 return
-            if turn.delay_s > 0 and not self.stopping.is_set():
+            if turn.delay_s > 0:
                 # The typing delay, cut short by stop(): a reply is worth more than the pause.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(turn.delay_s):
@@ -462,8 +461,6 @@ class Chat:
         end even when the visitor's socket closes meanwhile (the handler is cancelled then):
         stopped half-way, the conversation would stay queued here and ``bot`` in storage,
         where no agent would ever see it."""
-        if c.state != BOT:
-            return
         await run_to_end(self._handoff(c, reason), self.tasks, orphan_failure=lambda exc: log.error(
             "handoff of %s failed after the visitor went away", c.id, exc_info=exc))
 

@@ -561,7 +561,7 @@ Notify = Callable[[Event], Awaitable[None]]
 def _runs_to_end(fn):
     """A routing operation that its caller's cancellation does not cut in half.
 
-    Why: storage finishes a write whose caller was cancelled (``SqlStorage._detach``), so a
+    Why: storage finishes a write whose caller was cancelled (``server.storage.sql._operation``), so a
     handoff interrupted between its stored compare-and-set and routing's own update (a
     visitor's socket closing mid-handoff cancels the handler) would leave the conversation
     stored as an agent's while the agent's load, queue and screen never learnt of it.  The

@@ -83,14 +83,26 @@ def _storage_errors(what: str):
 
 def _operation(what: str):
     """A public storage operation: failures become StorageError (see _storage_errors), and it
-    runs detached from its caller (SqlStorage._detach), so a cancelled caller never cuts a
-    database conversation short."""
+    runs to its end whatever its caller does (``detached.run_to_end``); after close() it is a
+    StorageError.
+
+    Why: cancelling a task in the middle of a query makes SQLAlchemy invalidate the connection,
+    and a second cancellation while it closes leaves aiosqlite waiting on a worker thread that
+    has already stopped: a task that never ends, which hangs the event loop's shutdown
+    (asyncio.run cancels it once and waits forever).  Cancels come in pairs in practice: a
+    handler cancelled on disconnect and again at server shutdown.  Run to its end, the query
+    finishes (bounded by busy/lock timeouts), its connection goes back to the pool, and the
+    caller alone sees CancelledError.  close() waits for these operations before disposing
+    the pools."""
     def deco(fn):
         guarded = _storage_errors(what)(fn)
 
         @functools.wraps(fn)
         async def wrapper(self: "SqlStorage", *args, **kwargs):
-            return await self._detach(guarded(self, *args, **kwargs))
+            if self._closed:
+                raise StorageError("storage is closed")
+            return await run_to_end(guarded(self, *args, **kwargs), self._running,
+                                    orphan_failure=_orphan_failure)
         return wrapper
     return deco
 
@@ -225,7 +237,7 @@ class SqlStorage(Storage):
         # turns on a fair asyncio.Lock and reach SQLite one at a time; busy_timeout is left
         # for other processes.  (PostgreSQL and MySQL lock rows, so writes run in parallel.)
         self._serial_writes = asyncio.Lock() if self.dialect == "sqlite" else None
-        self._running: set[asyncio.Task] = set()     # operations in flight (see _detach)
+        self._running: set[asyncio.Task] = set()     # operations in flight (see _operation)
 
     @contextlib.asynccontextmanager
     async def _write(self):
@@ -236,22 +248,6 @@ class SqlStorage(Storage):
         else:
             async with self._serial_writes, self.write_engine.begin() as conn:
                 yield conn
-
-    async def _detach(self, operation: Any) -> Any:
-        """Run one operation to its end (``detached.run_to_end``), whatever its caller does.
-
-        Why: cancelling a task in the middle of a query makes SQLAlchemy invalidate the
-        connection, and a second cancellation while it closes leaves aiosqlite waiting on
-        a worker thread that has already stopped: a task that never ends, which hangs the
-        event loop's shutdown (asyncio.run cancels it once and waits forever).  Cancels
-        come in pairs in practice: a handler cancelled on disconnect and again at server
-        shutdown.  Detached, the query runs to its end (bounded by busy/lock timeouts), its
-        connection goes back to the pool, and the caller alone sees CancelledError.
-        close() waits for these operations before disposing the pools."""
-        if self._closed:
-            operation.close()
-            raise StorageError("storage is closed")
-        return await run_to_end(operation, self._running, orphan_failure=_orphan_failure)
 
     @property
     def stats(self):

@@ -219,7 +219,7 @@ async def _drain_leftover_tasks() -> None:
     task that swallows one cancellation hangs the teardown until pytest-timeout (300 s).  The
     one such task seen here, an aiosqlite connection's ``_terminate_graceful_close`` waiting on
     a stopped worker thread after a read was cancelled twice, is prevented in storage now
-    (``SqlStorage._detach``; test_storage checks it); this stays as a guard so another one
+    (``server.storage.sql._operation``; test_storage checks it); this stays as a guard so another one
     costs a second, not a 300 s timeout.
     """
     gc.collect()   # run finalizers now: they may create such tasks
