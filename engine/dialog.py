@@ -128,6 +128,13 @@ class Engine:
     def greeting(self, bot: str) -> str:
         return self.bot(bot).knowledge.greeting
 
+    def text(self, bot: str, key: str, **fields: Any) -> str:
+        """The bot's system text ``key`` (engine/texts.py: ``queued``, ``assigned``, ...) in its
+        language, or as its knowledge file's ``texts:`` words it, with ``fields`` filled in
+        (``position=3``, ``agent="Li"``).  Fields the text does not use are ignored; an
+        unknown key is a KeyError."""
+        return self.bot(bot).knowledge.text(key, **fields)
+
     # -- a turn ------------------------------------------------------------------------
 
     async def handle(self, bot: str, text: str, session: str = "default",

@@ -20,13 +20,14 @@ from typing import Any
 import pygtrie
 from rapidfuzz import fuzz, process
 
+from . import texts as system_texts
 from .errors import KnowledgeError, Problem
 from .normalize import has_cjk, is_latin_word_char, normalize, replace_phrases
 from .yaml_lines import Lines, load_yaml_with_lines
 
 LANGUAGES = ("en", "zh")
 INTENT_NAME = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)*$")
-TOP_KEYS = {"bot", "language", "greeting", "fallback", "handoff", "delay", "synonyms", "intents", "faq"}
+TOP_KEYS = {"bot", "language", "greeting", "fallback", "handoff", "delay", "synonyms", "intents", "faq", "texts"}
 INTENT_KEYS = {"examples", "answers", "keywords", "handoff", "description"}
 FAQ_KEYS = {"q", "a", "alt", "intent"}
 HANDOFF_KEYS = {"min_confidence", "max_misunderstood", "intents", "phrases"}
@@ -90,8 +91,18 @@ class Knowledge:
     questions: pygtrie.CharTrie = field(default_factory=pygtrie.CharTrie)  # normalised q -> faq index
     keywords: pygtrie.CharTrie = field(default_factory=pygtrie.CharTrie)  # normalised kw -> intent
     handoff_phrases: tuple[str, ...] = ()
+    #: System texts (engine/texts.py) by key: the file's ``texts:`` over the built-in
+    #: texts of ``language``, so every key is present.
+    texts: dict[str, str] = field(default_factory=dict)
     _fuzzy_keys: list[str] = field(default_factory=list)
     _fuzzy_index: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.texts = {**system_texts.builtin(self.language), **self.texts}
+
+    def text(self, key: str, **fields: Any) -> str:
+        """The system text ``key`` with its placeholders filled; KeyError for an unknown key."""
+        return self.texts[key].format(**fields)
 
     # -- matching -------------------------------------------------------------------
 
@@ -310,6 +321,7 @@ class _Builder:
             self.problem(("fallback",), "fallback must list at least one text")
         if fallback:
             kn.fallback = fallback
+        self._texts(kn, top.get("texts"))
         self._synonyms(kn, top.get("synonyms"))
         self._intents(kn, top.get("intents"))
         self._faq(kn, top.get("faq"))
@@ -325,6 +337,24 @@ class _Builder:
         if self.problems:
             raise KnowledgeError(self.problems)
         return kn
+
+    def _texts(self, kn: Knowledge, value: Any) -> None:
+        table = self.mapping(value, ("texts",), set(system_texts.KEYS))
+        for key, template in table.items():
+            at = ("texts", key)
+            if key not in system_texts.PLACEHOLDERS:
+                continue  # reported by mapping()
+            if template is not None and not isinstance(template, str):
+                self.problem(at, f"texts.{key} must be text")
+                continue
+            if not (template or "").strip():
+                self.problem(at, f"texts.{key} must not be empty")
+                continue
+            problems = system_texts.check(key, template)
+            for message in problems:
+                self.problem(at, message)
+            if not problems:
+                kn.texts[key] = template
 
     def _synonyms(self, kn: Knowledge, value: Any) -> None:
         table = self.mapping(value, ("synonyms",), set(value or {}) if isinstance(value, dict) else set())

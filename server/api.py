@@ -20,9 +20,9 @@ from sanic.response import HTTPResponse, json as json_response, text as text_res
 
 from .audit import audit
 from .auth import check_identity, hash_password, new_visitor_id, verify_password
-from .chat import agent_dict, conversation_dict
 from .errors import BadRequest, NotFound, RateLimited, Unauthorized
 from .storage.base import QUEUED, Agent, Conversation
+from .views import agent_dict, conversation_dict
 from .ws import client_ip
 
 bp = Blueprint("api", url_prefix="/api/v1")
@@ -97,9 +97,9 @@ def _int_arg(request: Request, name: str, default: int | None, maximum: int | No
     return min(value, maximum) if maximum else value
 
 
-def agents_with_presence(agents: list[Agent], router: Any) -> list[dict[str, Any]]:
+async def agents_with_presence(agents: list[Agent], router: Any) -> list[dict[str, Any]]:
     """Each agent's account fields plus presence and load from the router (read once)."""
-    info = {a.agent_id: a for a in router.agents()}
+    info = {a.agent_id: a for a in await router.agents()}
     out = []
     for agent in agents:
         a = info.get(agent.id)
@@ -114,7 +114,7 @@ def agents_with_presence(agents: list[Agent], router: Any) -> list[dict[str, Any
 async def login(request: Request) -> HTTPResponse:
     ctx = request.app.ctx
     ip = client_ip(request)
-    if ctx.login_failures.over(ip):
+    if await ctx.login_failures.over(ip):
         raise RateLimited("too many failed logins; wait a minute")
     data = body(request)
     username, password = data.get("username"), data.get("password")
@@ -124,9 +124,9 @@ async def login(request: Request) -> HTTPResponse:
     # verify even for an unknown user, so timing does not reveal which usernames exist
     ok = await asyncio.to_thread(verify_password, password, agent.password_hash if agent else ctx.dummy_hash)
     if agent is None or not ok:
-        ctx.login_failures.hit(ip)
+        await ctx.login_failures.hit(ip)
         raise Unauthorized("wrong username or password")
-    ttl = float(ctx.settings["agent_token_ttl_s"])
+    ttl = ctx.settings.agent_token_ttl_s
     return json_response({"token": ctx.tokens.agent_token(agent.id, agent.token_version), "expires_in": ttl,
                           "agent": agent_dict(agent)})
 
@@ -144,7 +144,7 @@ async def change_password(request: Request) -> HTTPResponse:
         raise Unauthorized("wrong password")
     new_hash = await asyncio.to_thread(hash_password, new)
     updated = await ctx.storage.update_agent(agent.id, password_hash=new_hash)
-    ctx.chat.revoke(agent.id)
+    ctx.agents.revoke(agent.id)
     return json_response({"token": ctx.tokens.agent_token(agent.id, updated.token_version)})
 
 
@@ -157,8 +157,8 @@ async def visitor_session(request: Request) -> HTTPResponse:
     identity = data.get("identity")
     verified = None
     if identity is not None:
-        verified = check_identity(str(ctx.settings["identity_secret"]), identity,
-                                  max_age_s=float(ctx.settings["identity_max_age_s"]))
+        verified = check_identity(ctx.settings.identity_secret, identity,
+                                  max_age_s=ctx.settings.identity_max_age_s)
         visitor_id = ctx.tokens.verified_visitor_id(verified)
     else:
         visitor_id = new_visitor_id()
@@ -227,14 +227,14 @@ async def get_messages(request: Request, conversation_id: str) -> HTTPResponse:
 async def list_agents(request: Request) -> HTTPResponse:
     me = await agent_of(request)
     ctx = request.app.ctx
-    return json_response({"agents": agents_with_presence(await ctx.storage.list_agents(), ctx.router),
-                          "queue": list(ctx.router.queue(me.team))})
+    return json_response({"agents": await agents_with_presence(await ctx.storage.list_agents(), ctx.router),
+                          "queue": await ctx.router.queue(me.team)})
 
 
 @bp.get("/agents/me")
 async def me(request: Request) -> HTTPResponse:
     agent = await agent_of(request)
-    return json_response(agents_with_presence([agent], request.app.ctx.router)[0])
+    return json_response((await agents_with_presence([agent], request.app.ctx.router))[0])
 
 
 @bp.get("/bots")
@@ -247,7 +247,7 @@ async def bots(request: Request) -> HTTPResponse:
 async def bot_reply(request: Request, bot: str) -> HTTPResponse:
     """Stateless: one turn, answered with the same fields as ``kefu ask --json``."""
     ctx = request.app.ctx
-    if not ctx.reply_limit.hit(client_ip(request)):
+    if not await ctx.reply_limit.hit(client_ip(request)):
         raise RateLimited("too many bot requests from this address")
     data = body(request)
     # No session: a one-off turn, with memory nobody else shares (not a common "default"
@@ -255,11 +255,11 @@ async def bot_reply(request: Request, bot: str) -> HTTPResponse:
     text, session = data.get("text"), data.get("session") or "once-" + secrets.token_hex(8)
     if not isinstance(session, str) or len(session) > 64:
         raise BadRequest("session must be a string of at most 64 characters")
-    if not isinstance(text, str) or len(text) > int(ctx.settings["max_text_chars"]):
-        raise InputError(f"text must be a string of at most {ctx.settings['max_text_chars']} characters")
+    if not isinstance(text, str) or len(text) > ctx.settings.max_text_chars:
+        raise InputError(f"text must be a string of at most {ctx.settings.max_text_chars} characters")
     # "api:" keeps these sessions apart from the conversations' own memory
     turn = await asyncio.wait_for(ctx.engine.handle(bot, text, session="api:" + session),
-                                  float(ctx.settings["bot_timeout_s"]))
+                                  ctx.settings.bot_timeout_s)
     out = turn.as_dict()
     out["session"] = session
     return json_response(out)
@@ -297,9 +297,14 @@ async def healthz(request: Request) -> HTTPResponse:
         storage = "ok"
     except Exception as exc:  # reads failing: not healthy
         storage = f"error: {type(exc).__name__}"
+    broker = ctx.broker.status()
     ok = storage == "ok"
-    return json_response({"status": "ok" if ok else "degraded", "storage": storage,
-                          "bots": sorted(ctx.engine.bots), "connections": len(ctx.chat.registry.connections)},
+    # Redis away: still serving (messages are stored and acked, delivery between workers and
+    # routing wait for it), so "degraded" but 200: a load balancer must not take every node out.
+    status = "ok" if ok and broker["connected"] else "degraded"
+    return json_response({"status": status, "storage": storage, "broker": broker,
+                          "bots": sorted(ctx.engine.bots), "connections": len(ctx.registry.connections),
+                          "node": ctx.sessions.node},
                          status=200 if ok else 503)
 
 

@@ -1,26 +1,41 @@
-"""The app factory: the only place that wires engine, storage, router and connections.
+"""The app factory: the only place that wires the server's parts together.
 
-Everything is opened per worker in ``before_server_start`` and closed in
-``after_server_stop`` on a typed ``app.ctx``; nothing happens at import time.
+Everything is opened per worker in ``before_server_start`` and closed in ``after_server_stop``
+on a typed ``app.ctx``; nothing happens at import time.  One worker with no Redis uses the
+in-process seams (broker, routing state, session memory, limits); with ``server.redis_url``
+set, the Redis ones, so any number of workers and nodes share the work.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from engine import Config, ConfigError, Engine, KefuError
+from engine import Config, Engine, KefuError
 from sanic import Sanic
 
 from . import api, ws
+from .agent_desk import AgentDesk
 from .auth import Tokens, hash_password
-from .chat import Chat
-from .config import database_url, load_server_config, secret_key, server_settings
-from .connections import WindowCounter
+from .bot_turns import BotTurns
+from .broker import Broker, InProcessBroker
+from .config import Settings, database_url, load_server_config, secret_key
+from .connections import Registry
+from .conversations import Conversations
+from .limits import (ConnectionCap, LocalConnectionCap, LocalWindowCounter, RedisConnectionCap,
+                     RedisWindowCounter, WindowCounter)
 from .metrics import Metrics
+from .redis_client import WorkerIdentity, open_checked
+from .routing import InMemoryRoutingState, Router, RoutingState, business_hours
+from .sessions import Sessions
+from .visitor_desk import VisitorDesk
 
-_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+log = logging.getLogger("kefu.server")
 
 
 @dataclass
@@ -28,18 +43,30 @@ class KefuContext:
     """What a worker holds: ``app.ctx``."""
 
     config: Config
-    settings: dict[str, Any]
+    settings: Settings
     plugins: tuple[object, ...] = ()
     load_entrypoints: bool = True
     metrics: Metrics = field(default_factory=Metrics)
+    worker: WorkerIdentity | None = None
+    redis: Any = None
     engine: Engine | None = None
     storage: Any = None
-    router: Any = None
-    chat: Chat | None = None
+    state: RoutingState | None = None
+    router: Router | None = None
+    broker: Broker | None = None
+    registry: Registry | None = None
+    hub: Conversations | None = None
+    sessions: Sessions | None = None
+    visitors: VisitorDesk | None = None
+    agents: AgentDesk | None = None
+    bots: BotTurns | None = None
     tokens: Tokens | None = None
+    caps: ConnectionCap | None = None
+    new_conversations: WindowCounter | None = None
     login_failures: WindowCounter | None = None
     reply_limit: WindowCounter | None = None
     dummy_hash: str = ""
+    background: set[asyncio.Task] = field(default_factory=set)
 
 
 class KefuApp(Sanic):
@@ -52,53 +79,20 @@ class KefuApp(Sanic):
         return await super()._websocket_handler(handler, request, *args, subprotocols=subprotocols, **kwargs)
 
 
-def bot_teams(value: Any) -> dict[str, str]:
-    """``[server] bot_teams``: a table bot -> team (a conversation belongs to its bot's team;
-    a bot not listed to "default")."""
-    if not value:
-        return {}
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
-                                              for k, v in value.items()):
-        raise ConfigError('server.bot_teams must be a table of bot = "team" strings')
-    return {k: v.strip() for k, v in value.items()}
-
-
-def parse_business_hours(value: Any, tz: str) -> dict[str, Any] | None:
-    """``"mon-fri 09:00-18:00; sat 10:00-14:00"`` or a table ``{mon = "09:00-18:00"}`` ->
-    the router's BusinessHours config; empty -> None (always open)."""
-    if not value:
-        return None
-    if isinstance(value, dict):
-        return {"timezone": tz, "hours": value}
-    hours: dict[str, list[str]] = {}
-    for part in str(value).split(";"):
-        part = part.strip()
-        if not part:
-            continue
-        m = re.fullmatch(r"([a-z]{3})(?:\s*-\s*([a-z]{3}))?\s+(.+)", part.lower())
-        if not m or m[1] not in _DAYS or (m[2] and m[2] not in _DAYS):
-            raise ConfigError(f"server.business_hours: cannot read {part!r} (want e.g. 'mon-fri 09:00-18:00')")
-        first, last = _DAYS.index(m[1]), _DAYS.index(m[2] or m[1])
-        days = [_DAYS[i % 7] for i in range(first, (last if last >= first else last + 7) + 1)]
-        for day in days:
-            hours.setdefault(day, []).append(m[3])
-    return {"timezone": tz, "hours": hours}
-
-
 def create_app(config: Config | None = None, *, plugins: Iterable[object] = (), load_entrypoints: bool = True,
                name: str = "kefu") -> Sanic:
     """A Sanic app serving kefu.  ``plugins`` are extra engine plugins (tests use a small bot)."""
     config = config or load_server_config()
-    settings = server_settings(config)
-    parse_business_hours(settings["business_hours"], str(settings["timezone"]))  # fail early on a typo
+    settings = Settings.from_config(config)
+    business_hours(settings.business_hours, settings.timezone)   # fail early on a typo
     ctx = KefuContext(config=config, settings=settings, plugins=tuple(plugins), load_entrypoints=load_entrypoints)
     app: Sanic = KefuApp(name, ctx=ctx)
-    app.config.WEBSOCKET_MAX_SIZE = int(settings["max_frame_bytes"])
+    app.config.WEBSOCKET_MAX_SIZE = settings.max_frame_bytes
     app.config.WEBSOCKET_PING_INTERVAL = None     # heartbeats come from our one timing wheel
     app.config.WEBSOCKET_PING_TIMEOUT = None
     app.config.REQUEST_MAX_SIZE = 1024 * 1024
     app.config.REQUEST_TIMEOUT = 15               # slowloris: a request (or upgrade) must arrive this fast
-    app.config.PROXIES_COUNT = int(settings["proxies_count"])
+    app.config.PROXIES_COUNT = settings.proxies_count
     app.config.ACCESS_LOG = False                 # tokens never travel in URLs, but keep logs lean anyway
     app.config.NOISY_EXCEPTIONS = False
     app.config.MOTD = False
@@ -109,7 +103,7 @@ def create_app(config: Config | None = None, *, plugins: Iterable[object] = (), 
     app.on_request(ws.check_upgrade)
     app.on_response(_security_headers)
     app.error_handler.add(KefuError, api.error_response)
-    _static(app, settings)
+    _static(app)
 
     app.before_server_start(_open)
     app.before_server_stop(_going_away)
@@ -117,73 +111,161 @@ def create_app(config: Config | None = None, *, plugins: Iterable[object] = (), 
     return app
 
 
+def worker_index() -> int:
+    """This worker's number on its node (Sanic names its worker processes ``...Server-N-...``)."""
+    m = re.search(r"Server-(\d+)", os.environ.get("SANIC_WORKER_NAME", ""))
+    return int(m[1]) if m else 0
+
+
 async def _open(app: Sanic, _loop: Any = None) -> None:
-    from .routing import BusinessHours, Router
     from .storage import open_storage
 
     ctx: KefuContext = app.ctx
     s = ctx.settings
+    worker = ctx.worker = WorkerIdentity.make(s.node_id, s.port, worker_index())
+    memory = None
+    if s.shared:
+        from .redis_broker import RedisBroker
+        from .redis_memory import RedisMemoryStore
+        from .routing.redis_state import RedisRoutingState
+
+        ctx.redis = await open_checked(s.redis_url)
+        memory = RedisMemoryStore(ctx.redis, prefix=s.redis_prefix, ttl_s=float(ctx.config["engine"]["memory_ttl_s"]))
+        ctx.state = RedisRoutingState(ctx.redis, prefix=s.redis_prefix, worker_id=worker.id,
+                                      presence_ttl_s=s.presence_ttl_s)
+        ctx.broker = RedisBroker(ctx.redis, prefix=s.redis_prefix, worker_id=worker.id, metrics=ctx.metrics)
+
+        def counter(name: str, limit: int) -> WindowCounter:
+            return RedisWindowCounter(ctx.redis, s.redis_prefix, name, limit)
+        ctx.caps = RedisConnectionCap(ctx.redis, s.redis_prefix, worker.id, s.max_connections_per_ip,
+                                      spawn=lambda coro, name: _spawn(ctx, coro, name))
+    else:
+        ctx.state = InMemoryRoutingState()
+        ctx.broker = InProcessBroker()
+
+        def counter(name: str, limit: int) -> WindowCounter:
+            return LocalWindowCounter(limit)
+        ctx.caps = LocalConnectionCap(s.max_connections_per_ip)
+    ctx.new_conversations = counter("new_conversations", s.new_conversations_per_ip_per_min)
+    ctx.login_failures = counter("login_failures", s.login_failures_per_ip_per_min)
+    ctx.reply_limit = counter("bot_replies", int(s.rate_per_s * 60 * 4))
+
     ctx.storage = await open_storage(database_url(s))
-    engine = Engine(ctx.config, plugins=ctx.plugins, load_entrypoints=ctx.load_entrypoints)
+    engine = Engine(ctx.config, plugins=ctx.plugins, load_entrypoints=ctx.load_entrypoints, memory=memory)
     await engine.start()
     if ctx.config["engine"].get("watch_knowledge"):
         engine.watch()
     ctx.engine = engine
-    ctx.tokens = Tokens(secret_key(s), agent_ttl_s=float(s["agent_token_ttl_s"]),
-                        visitor_ttl_s=float(s["visitor_token_ttl_s"]))
-    ctx.login_failures = WindowCounter(int(s["login_failures_per_ip_per_min"]))
-    ctx.reply_limit = WindowCounter(int(float(s["rate_per_s"]) * 60 * 4))
+    ctx.tokens = Tokens(secret_key(s), agent_ttl_s=s.agent_token_ttl_s, visitor_ttl_s=s.visitor_token_ttl_s)
     ctx.dummy_hash = hash_password("not a real password")
-    holder: dict[str, Chat] = {}
+    await ctx.state.start()
+
+    registry = ctx.registry = Registry()
+    hub = ctx.hub = Conversations(storage=ctx.storage, broker=ctx.broker, registry=registry, metrics=ctx.metrics,
+                                  resume_max_messages=s.resume_max_messages, tasks=ctx.background)
+    holder: dict[str, AgentDesk] = {}
 
     async def notify(event: Any) -> None:
-        await holder["chat"].on_route(event)
+        await holder["agents"].on_route(event)
 
-    hours = parse_business_hours(s["business_hours"], str(s["timezone"]))
-    ctx.router = Router(ctx.storage, grace_s=float(s["grace_s"]),
-                        business_hours=BusinessHours.from_config(hours), notify=notify,
-                        bot_teams=bot_teams(s.get("bot_teams")))
-    chat = holder["chat"] = Chat(s, engine=engine, storage=ctx.storage, router=ctx.router,
-                                 tokens=ctx.tokens, metrics=ctx.metrics)
-    ctx.chat = chat
-    chat.window_counters += [ctx.login_failures, ctx.reply_limit]   # evicted by the same tick
-    await ctx.router.restore()
-    registry = chat.registry
-    ctx.metrics.gauge("kefu_connections", lambda: len(registry.connections), "Open WebSocket connections.")
-    ctx.metrics.gauge("kefu_connections_peak", lambda: registry.peak, "Most WebSocket connections open at once.")
-    ctx.metrics.gauge("kefu_agents_online", lambda: len(registry.by_agent), "Agents with a socket open.")
-    ctx.metrics.gauge("kefu_queue_length", lambda: len(ctx.router.queue()), "Conversations waiting for an agent.")
-    chat.start()
+    async def new_generation() -> None:
+        await holder["agents"].resync()
+
+    router = ctx.router = Router(ctx.storage, grace_s=s.grace_s,
+                                 business_hours=business_hours(s.business_hours, s.timezone), notify=notify,
+                                 clock=time.time if s.shared else time.monotonic, state=ctx.state,
+                                 bot_teams=s.bot_teams, on_new_generation=new_generation)
+    bots = ctx.bots = BotTurns(s, engine=engine, hub=hub, storage=ctx.storage, router=router, metrics=ctx.metrics)
+    agents = ctx.agents = holder["agents"] = AgentDesk(s, engine=engine, hub=hub, storage=ctx.storage, router=router,
+                                                       tokens=ctx.tokens, registry=registry, metrics=ctx.metrics)
+    visitors = ctx.visitors = VisitorDesk(s, engine=engine, hub=hub, storage=ctx.storage, tokens=ctx.tokens,
+                                          bots=bots, metrics=ctx.metrics, new_conversations=ctx.new_conversations)
+
+    queue_length = [0]
+
+    async def tick() -> None:
+        await router.tick()
+        queue_length[0] = await ctx.state.queue_size()   # (the gauge below reads it: gauges are synchronous)
+
+    sessions = ctx.sessions = Sessions(s, hub=hub, registry=registry, metrics=ctx.metrics, caps=ctx.caps,
+                                       window_counters=[ctx.new_conversations, ctx.login_failures, ctx.reply_limit],
+                                       on_tick=tick, node=f"{worker.node}/{worker.index}")
+    sessions.add_desk("visitor", visitors)
+    sessions.add_desk("agent", agents)
+    visitors.sessions = agents.sessions = sessions
+    visitors.agents = agents
+    bots.queue_changed = agents.tell_queue
+
+    async def recovered() -> None:
+        """The broker is back after an outage: repair by seq, re-announce, reconcile routing."""
+        await hub.recover()
+        await agents.resync()
+        await router.restore()
+
+    ctx.broker.on_recovered = recovered
+    await ctx.broker.start()
+    await router.start()
+    _gauges(ctx)
+    ctx.metrics.gauge("kefu_queue_length", lambda: queue_length[0], "Conversations waiting for an agent.")
+    sessions.start()
+
+
+def _gauges(ctx: KefuContext) -> None:
+    registry, metrics = ctx.registry, ctx.metrics
+    assert registry is not None
+    metrics.gauge("kefu_connections", lambda: len(registry.connections), "Open WebSocket connections.")
+    metrics.gauge("kefu_connections_peak", lambda: registry.peak, "Most WebSocket connections open at once.")
+    metrics.gauge("kefu_agents_online", lambda: len(registry.by_agent), "Agents with a socket open.")
+    metrics.gauge("kefu_broker_connected", lambda: 1.0 if ctx.broker and ctx.broker.status()["connected"] else 0.0,
+                  "1 while the broker (Redis pub/sub, or in process) is connected.")
+
+
+def _spawn(ctx: KefuContext, coro: Any, name: str) -> None:
+    task = asyncio.create_task(coro, name=name)
+    ctx.background.add(task)
+    task.add_done_callback(ctx.background.discard)
 
 
 async def _going_away(app: Sanic, _loop: Any = None) -> None:
-    if app.ctx.chat is not None:
-        await app.ctx.chat.going_away()
+    if app.ctx.sessions is not None:
+        await app.ctx.sessions.going_away()
 
 
 async def _close(app: Sanic, _loop: Any = None) -> None:
     ctx: KefuContext = app.ctx
-    if ctx.chat is not None:
-        await ctx.chat.stop()
+    if ctx.sessions is not None:
+        await ctx.sessions.stop()
+    if ctx.bots is not None:
+        await ctx.bots.stop()
     if ctx.router is not None:
         await ctx.router.drain()      # routing operations whose callers were cancelled
+    if ctx.background:
+        await asyncio.wait(list(ctx.background), timeout=2.0)
+    for task in list(ctx.background) + list(ctx.agents.tasks if ctx.agents else ()):
+        task.cancel()
     if ctx.engine is not None:
         await ctx.engine.close()
+    if ctx.broker is not None:
+        await ctx.broker.close()
+    if ctx.state is not None:
+        await ctx.state.close()
     if ctx.storage is not None:
         await ctx.storage.close()
+    if ctx.redis is not None:
+        await ctx.redis.aclose()
 
 
 async def _security_headers(request: Any, response: Any) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
     if (response.content_type or "").startswith("text/html"):
-        origins = " ".join(request.app.ctx.settings["origins"])
+        origins = " ".join(request.app.ctx.settings.origins)
         response.headers.setdefault(
             "Content-Security-Policy",
             "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; object-src 'none'; "
             f"base-uri 'none'; frame-ancestors 'self' {origins}".strip())
 
 
-def _static(app: Sanic, settings: dict[str, Any]) -> None:
+def _static(app: Sanic) -> None:
     """The visitor page, the widget and the agent console (server/static), when present."""
     folder = Path(__file__).with_name("static")
     if not folder.is_dir():

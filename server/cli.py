@@ -90,7 +90,7 @@ async def _with_storage(config: Any, fn: Any) -> Any:
 
 def cmd_agent_add(args: argparse.Namespace) -> int:
     from .auth import hash_password
-    from .storage import Conflict
+    from .storage import DuplicateKey
 
     config = _config(args)
     capacity = args.capacity if args.capacity is not None else int(config["server"]["agent_capacity"])
@@ -101,7 +101,7 @@ def cmd_agent_add(args: argparse.Namespace) -> int:
                                        capacity=capacity, team=args.team)
     try:
         agent = asyncio.run(_with_storage(config, add))
-    except Conflict as exc:
+    except DuplicateKey as exc:
         print(f"kefu: {exc}", file=sys.stderr)
         return 1
     print(f"agent {agent.username} created (id {agent.id}, capacity {agent.capacity})")

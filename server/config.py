@@ -1,12 +1,16 @@
-"""The ``[server]`` section of config.toml: its defaults, and the secrets kept in the data dir.
+"""The ``[server]`` section of config.toml: its defaults, the typed :class:`Settings` read from
+it once at start-up, and the secrets kept in the data dir.
 
 Every key can be overridden by ``KEFU_SERVER_<KEY>`` (engine.config does that).  Each key is
 documented in docs/operations.md and config.example.toml.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -47,6 +51,12 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "timezone": "UTC",
     "agent_capacity": 5,                # default capacity for `kefu agent add`
     "bot_teams": {},                    # table bot -> team owning its conversations; unlisted bots: "default"
+    # -- several workers and nodes (docs/operations.md, "Scaling out")
+    "workers": 1,                       # worker processes on this machine; more than 1 needs redis_url
+    "redis_url": "",                    # redis://host:6379/0: shared state, fan-out between workers and nodes
+    "redis_prefix": "kefu:",            # every Redis key starts with this (several deployments on one Redis)
+    "node_id": "",                      # this machine's name among the nodes; "": hostname:port
+    "presence_ttl_s": 10.0,             # a worker that stops refreshing its presence this long counts as dead
 }
 
 
@@ -64,21 +74,143 @@ def server_settings(config: Config) -> dict[str, Any]:
     return merged
 
 
-def data_dir(settings: Mapping[str, Any]) -> Path:
-    path = Path(settings["data_dir"] or "data").expanduser()
+@dataclass(frozen=True)
+class Settings:
+    """The ``[server]`` section, typed and checked once (:meth:`from_config`); the server reads
+    attributes, never string keys.  Each field is a key of :data:`SERVER_DEFAULTS`."""
+
+    host: str
+    port: int
+    data_dir: str
+    database_url: str
+    origins: tuple[str, ...]
+    allow_no_origin: bool
+    proxies_count: int
+    secret_key: str
+    identity_secret: str
+    identity_max_age_s: float
+    agent_token_ttl_s: float
+    visitor_token_ttl_s: float
+    default_bot: str
+    max_frame_bytes: int
+    max_text_chars: int
+    max_client_id_chars: int
+    max_errors: int
+    rate_per_s: float
+    rate_burst: float
+    new_conversations_per_ip_per_min: int
+    max_connections_per_ip: int
+    login_failures_per_ip_per_min: int
+    send_queue_frames: int
+    resume_max_messages: int
+    tick_s: float
+    heartbeat_s: float
+    heartbeat_timeout_s: float
+    auth_timeout_s: float
+    bot_timeout_s: float
+    grace_s: float
+    business_hours: Any            # a string or a table: server.routing.hours reads it
+    timezone: str
+    agent_capacity: int
+    bot_teams: Mapping[str, str]
+    workers: int
+    redis_url: str
+    redis_prefix: str
+    node_id: str
+    presence_ttl_s: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Settings":
+        """Every key converted to its field's type; a value that is not is a ConfigError
+        naming ``server.<key>``."""
+        raw = server_settings(config)
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown [server] keys: {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        values = {f.name: _typed(f.name, raw[f.name], hints[f.name]) for f in dataclasses.fields(cls)}
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if self.workers < 1:
+            raise ConfigError("server.workers must be at least 1")
+        if self.workers > 1 and not self.redis_url:
+            raise ConfigError(f"server.workers = {self.workers} needs server.redis_url (KEFU_SERVER_REDIS_URL): "
+                              "the workers share routing, fan-out and limits through Redis")
+        if self.presence_ttl_s <= 0 or self.tick_s <= 0:
+            raise ConfigError("server.presence_ttl_s and server.tick_s must be positive")
+
+    @property
+    def shared(self) -> bool:
+        """State is shared through Redis (several workers or nodes) rather than in process."""
+        return bool(self.redis_url)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def _typed(key: str, value: Any, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError
+            if kind is int and float(value) != int(value):
+                raise TypeError
+            return kind(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise TypeError
+            return value
+        if kind == tuple[str, ...]:
+            if isinstance(value, str):
+                value = [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError
+            return tuple(value)
+        if kind == Mapping[str, str]:
+            return bot_teams(value)
+    except (TypeError, ValueError):
+        want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, "a list of strings")
+        raise ConfigError(f"server.{key} must be {want}, not {value!r}") from None
+    return value
+
+
+def bot_teams(value: Any) -> Mapping[str, str]:
+    """``[server] bot_teams``: a table bot -> team (a conversation belongs to its bot's team;
+    a bot not listed to "default")."""
+    if not value:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                              for k, v in value.items()):
+        raise ConfigError('server.bot_teams must be a table of bot = "team" strings')
+    return {k: v.strip() for k, v in value.items()}
+
+
+def _get(settings: Settings | Mapping[str, Any], key: str) -> Any:
+    return getattr(settings, key) if isinstance(settings, Settings) else settings.get(key)
+
+
+def data_dir(settings: Settings | Mapping[str, Any]) -> Path:
+    path = Path(_get(settings, "data_dir") or "data").expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def database_url(settings: Mapping[str, Any]) -> str:
-    if settings.get("database_url"):
-        return str(settings["database_url"])
+def database_url(settings: Settings | Mapping[str, Any]) -> str:
+    if _get(settings, "database_url"):
+        return str(_get(settings, "database_url"))
     return f"sqlite+aiosqlite:///{(data_dir(settings) / 'kefu.sqlite3').resolve()}"
 
 
-def secret_key(settings: Mapping[str, Any]) -> bytes:
+def secret_key(settings: Settings | Mapping[str, Any]) -> bytes:
     """The configured secret, or one generated on first run into ``<data_dir>/secret.key`` (mode 0600)."""
-    configured = settings.get("secret_key")
+    configured = _get(settings, "secret_key")
     if configured:
         if len(str(configured)) < 16:
             raise ConfigError("server.secret_key must be at least 16 characters")

@@ -3,8 +3,8 @@
 * :class:`Connection` - one WebSocket: a bounded send queue drained by ONE writer task
   (never two writers on a socket); a client that does not read fast enough fills the
   queue and is closed with 4008 instead of growing memory or stalling its senders.
-* :class:`Registry` - O(1) lookups by visitor, agent and conversation.  Its methods are
-  the interface a Redis-backed registry implements for many processes.
+* :class:`Registry` - this worker's sockets, O(1) by visitor, agent and conversation (the
+  other workers' are reached through the broker, :mod:`server.broker`).
 * :class:`TimingWheel` - one task for every connection's heartbeat, idle and auth
   deadlines (no timer per connection); it also drives the router's tick.
 """
@@ -44,42 +44,6 @@ class TokenBucket:
         return False
 
 
-class WindowCounter:
-    """Events per key per fixed window (new conversations or failed logins per IP).
-    Old keys are evicted by :meth:`sweep` (called from the timing wheel)."""
-
-    def __init__(self, limit: int, window_s: float = 60.0) -> None:
-        self.limit, self.window_s = int(limit), float(window_s)
-        self._counts: dict[str, list[float | int]] = {}
-
-    def hit(self, key: str, now: float | None = None) -> bool:
-        """Count one event; False when the key is over its limit (the event is refused)."""
-        if self.limit <= 0:
-            return True
-        now = time.monotonic() if now is None else now
-        entry = self._counts.get(key)
-        if entry is None or now - entry[0] >= self.window_s:
-            self._counts[key] = [now, 1]
-            return True
-        if entry[1] >= self.limit:
-            return False
-        entry[1] += 1
-        return True
-
-    def over(self, key: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        entry = self._counts.get(key)
-        return bool(entry and now - entry[0] < self.window_s and entry[1] >= self.limit)
-
-    def sweep(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        for key in [k for k, v in self._counts.items() if now - v[0] >= self.window_s]:
-            del self._counts[key]
-
-    def __len__(self) -> int:
-        return len(self._counts)
-
-
 class Connection:
     """One authenticated (or authenticating) WebSocket."""
 
@@ -92,6 +56,9 @@ class Connection:
         self.codec = protocol.Codec(binary)
         self.visitor_id: str | None = None
         self.agent_id: str | None = None
+        self.team: str | None = None          # an agent's team (from the account, at hello)
+        self.topics: list[str] = []           # broker topics followed for this socket (agent, team)
+        self.routed = False                   # counted among the agent's sockets by routing
         self.token_version = 0
         self.conversations: set[str] = set()  # subscribed conversation ids
         self.seen: dict[str, int] = {}        # highest seq delivered per conversation
@@ -213,16 +180,11 @@ class Registry:
         self.by_visitor: dict[str, set[Connection]] = defaultdict(set)
         self.by_agent: dict[str, set[Connection]] = defaultdict(set)
         self.by_conversation: dict[str, set[Connection]] = defaultdict(set)
-        self.by_ip: dict[str, int] = {}
         self.peak = 0
 
     def add(self, conn: Connection) -> None:
         self.connections.add(conn)
-        self.by_ip[conn.ip] = self.by_ip.get(conn.ip, 0) + 1
         self.peak = max(self.peak, len(self.connections))
-
-    def count_ip(self, ip: str) -> int:
-        return self.by_ip.get(ip, 0)
 
     def identify(self, conn: Connection) -> None:
         if conn.visitor_id:
@@ -235,11 +197,6 @@ class Registry:
         if conn not in self.connections:
             return []
         self.connections.discard(conn)
-        left = self.by_ip.get(conn.ip, 1) - 1
-        if left > 0:
-            self.by_ip[conn.ip] = left
-        else:
-            self.by_ip.pop(conn.ip, None)
         for index, key in ((self.by_visitor, conn.visitor_id), (self.by_agent, conn.agent_id)):
             if key and key in index:
                 index[key].discard(conn)
@@ -272,18 +229,13 @@ class Registry:
     def subscribers(self, conversation_id: str) -> Iterable[Connection]:
         return tuple(self.by_conversation.get(conversation_id, ()))
 
-    def to_conversation(self, conversation_id: str, frame: dict[str, Any], *, exclude: Connection | None = None,
-                        message: bool = False) -> int:
-        sent = 0
-        for conn in self.subscribers(conversation_id):
-            if conn is exclude:
-                if message:  # the sender learns the seq from its ack; never replay it to them
-                    conn.seen[conversation_id] = max(conn.seen.get(conversation_id, 0), frame["seq"])
-                continue
-            sent += conn.deliver(frame) if message else conn.send(frame)
-        return sent
+    def to_conversation(self, conversation_id: str, frame: dict[str, Any], *,
+                        exclude: Connection | None = None) -> int:
+        """A transient frame (typing, read, state) to this worker's sockets in the conversation."""
+        return sum(conn.send(frame) for conn in self.subscribers(conversation_id) if conn is not exclude)
 
     def to_agent(self, agent_id: str, frame: dict[str, Any]) -> int:
+        """A frame to this worker's sockets of the agent."""
         return sum(conn.send(frame) for conn in self.agent_conns(agent_id))
 
 

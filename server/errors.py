@@ -1,7 +1,9 @@
 """Server errors: each carries its HTTP status and a stable ``code`` (also used in error frames).
 
-They derive from engine's :class:`~engine.KefuError`, so one handler maps every kefu error
-to a response (see server/api.py) and to an error frame (server/chat.py).
+Every kefu error has one root, engine's :class:`~engine.KefuError`: these, and
+:class:`~server.storage.StorageError` (503, ``storage_unavailable``),
+:class:`~server.routing.RoutingError` and :class:`~server.protocol.FrameError`, so one handler
+maps each to a response (server/api.py) and to an error frame (server/sessions.py).
 """
 from __future__ import annotations
 
@@ -35,11 +37,6 @@ class NotFound(ServerError, LookupError):
     code = "not_found"
 
 
-class Conflict(ServerError):
-    status_code = 409
-    code = "bad_state"
-
-
 class TooLarge(ServerError):
     status_code = 413
     code = "too_large"
@@ -48,10 +45,3 @@ class TooLarge(ServerError):
 class RateLimited(ServerError):
     status_code = 429
     code = "rate_limited"
-
-
-class Unavailable(ServerError):
-    """Storage failed: nothing was stored, so nothing was acknowledged; retry."""
-
-    status_code = 503
-    code = "storage_unavailable"

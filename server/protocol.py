@@ -11,6 +11,7 @@ import json
 from typing import Any, Callable
 
 import msgpack
+from engine import KefuError
 
 MSGPACK = "kefu.msgpack"
 SUBPROTOCOLS = [MSGPACK]
@@ -50,10 +51,14 @@ INTERNAL = "internal"
 MAX_DEPTH = 4
 
 
-class FrameError(Exception):
+class FrameError(KefuError):
+    """A client frame that cannot be served: answered with an error frame carrying ``code``."""
+
+    status_code = 400
+
     def __init__(self, code: str, message: str, client_id: str | None = None) -> None:
         super().__init__(message)
-        self.code, self.message, self.client_id = code, message, client_id
+        self.code, self.client_id = code, client_id
 
 
 class Codec:

@@ -17,7 +17,7 @@ from .base import (BOT, CLOSED, HUMAN, QUEUED, ROLES, STATES, UNSET, Agent, Conv
                    Storage, StorageError, StoredMessage)
 from .migrations import LATEST as SCHEMA_VERSION
 from .migrations import SchemaTooNew
-from .sql import MAX_PAGE, Conflict, NotFound, SqlStorage
+from .sql import MAX_PAGE, DuplicateKey, NoSuchRow, SqlStorage
 
 DEFAULT_URL = "sqlite+aiosqlite:///kefu.sqlite3"
 
@@ -38,6 +38,6 @@ async def open_storage(url: str = DEFAULT_URL, **options: Any) -> Storage:
     return await SqlStorage.open(url, **options)
 
 
-__all__ = ["open_storage", "Storage", "SqlStorage", "StorageError", "NotFound", "Conflict",
+__all__ = ["open_storage", "Storage", "SqlStorage", "StorageError", "NoSuchRow", "DuplicateKey",
            "SchemaTooNew", "Conversation", "StoredMessage", "Agent", "BOT", "QUEUED", "HUMAN",
            "CLOSED", "STATES", "ROLES", "UNSET", "MAX_PAGE", "SCHEMA_VERSION", "DEFAULT_URL"]

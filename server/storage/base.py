@@ -10,6 +10,8 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from engine import KefuError
+
 # Conversation states.
 BOT, QUEUED, HUMAN, CLOSED = "bot", "queued", "human", "closed"
 STATES = (BOT, QUEUED, HUMAN, CLOSED)
@@ -62,8 +64,12 @@ class Agent:
     team: str = "default"
 
 
-class StorageError(Exception):
-    """The database failed: nothing was stored, so nothing may be acknowledged."""
+class StorageError(KefuError):
+    """The database failed: nothing was stored, so nothing may be acknowledged (clients retry
+    with the same id: error ``storage_unavailable``, HTTP 503)."""
+
+    status_code = 503
+    code = "storage_unavailable"
 
 
 class Storage(abc.ABC):
@@ -93,6 +99,11 @@ class Storage(abc.ABC):
         """Compare-and-set: move to ``to_state``/``agent_id`` only if the current state is in
         ``from_states`` (and the current agent equals ``from_agent`` when given).  Returns the
         updated conversation, or None when the condition failed (someone else won)."""
+
+    @abc.abstractmethod
+    async def last_seqs(self, conversation_ids: Sequence[str]) -> dict[str, int]:
+        """The ``last_seq`` of each conversation that exists (one query per 500 ids): after an
+        outage the hub asks which of its conversations moved on without it."""
 
     # -- messages
     @abc.abstractmethod

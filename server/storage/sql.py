@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from . import migrations, schema
 from .base import (BOT, ROLES, STATES, UNSET, Agent, Conversation, Storage, StorageError,
                    StoredMessage)
-from .detached import run_to_end, wait_all
+from ..tasks import run_to_end, wait_all
 from .group_commit import GroupCommitter
 
 log = logging.getLogger(__name__)
@@ -55,12 +55,18 @@ _DEFAULT_DRIVERS = {"sqlite": "aiosqlite", "postgresql": "asyncpg", "mysql": "as
                     "mariadb": "asyncmy"}
 
 
-class NotFound(StorageError, LookupError):
+class NoSuchRow(StorageError, LookupError):
     """The row an operation needs (e.g. the conversation of an append) does not exist."""
 
+    status_code = 404
+    code = "not_found"
 
-class Conflict(StorageError):
+
+class DuplicateKey(StorageError):
     """A unique key is taken (e.g. an agent username)."""
+
+    status_code = 409
+    code = "conflict"
 
 
 _C, _M, _A = schema.conversations, schema.messages, schema.agents
@@ -83,7 +89,7 @@ def _storage_errors(what: str):
 
 def _operation(what: str):
     """A public storage operation: failures become StorageError (see _storage_errors), and it
-    runs to its end whatever its caller does (``detached.run_to_end``); after close() it is a
+    runs to its end whatever its caller does (``server.tasks.run_to_end``); after close() it is a
     StorageError.
 
     Why: cancelling a task in the middle of a query makes SQLAlchemy invalidate the connection,
@@ -381,6 +387,16 @@ class SqlStorage(Storage):
         async with self.read_engine.connect() as conn:
             return [_conversation(r) for r in await conn.execute(q)]
 
+    @_operation("last_seqs")
+    async def last_seqs(self, conversation_ids: Sequence[str]) -> dict[str, int]:
+        ids = sorted(set(conversation_ids))
+        out: dict[str, int] = {}
+        async with self.read_engine.connect() as conn:
+            for i in range(0, len(ids), MAX_PAGE):
+                q = sa.select(_C.c.id, _C.c.last_seq).where(_C.c.id.in_(ids[i:i + MAX_PAGE]))
+                out.update({r.id: int(r.last_seq) for r in await conn.execute(q)})
+        return out
+
     @_operation("transition")
     async def transition(self, conversation_id: str, *, to_state: str, agent_id: str | None,
                          from_states: Sequence[str] | None = None,
@@ -441,7 +457,7 @@ class SqlStorage(Storage):
             inserts = []
             for i, it in enumerate(items):
                 if it.conversation_id not in last:
-                    results[i] = NotFound(f"no conversation {it.conversation_id!r}")
+                    results[i] = NoSuchRow(f"no conversation {it.conversation_id!r}")
                     continue
                 key = (it.conversation_id, it.client_id)
                 if it.client_id is not None and key in stored:
@@ -495,7 +511,7 @@ class SqlStorage(Storage):
                     password_hash=password_hash, capacity=agent.capacity,
                     token_version=agent.token_version, created_at=agent.created_at, team=team))
         except sa.exc.IntegrityError as exc:
-            raise Conflict(f"agent username {username!r} is taken") from exc
+            raise DuplicateKey(f"agent username {username!r} is taken") from exc
         return agent
 
     @_operation("get_agent")

@@ -33,19 +33,19 @@ STORM = 300
 
 # -- helpers -----------------------------------------------------------------------------
 
-def watch_unregister(chat) -> asyncio.Condition:
+def watch_unregister(ctx) -> asyncio.Condition:
     """A condition notified each time the server has finished forgetting a connection."""
     cond = asyncio.Condition()
-    original = chat.unregister
+    original = ctx.sessions.unregister
 
-    async def unregister(conn):
+    async def unregister(conn, desk):
         try:
-            await original(conn)
+            await original(conn, desk)
         finally:
             async with cond:
                 cond.notify_all()
 
-    chat.unregister = unregister   # Chat.serve looks it up on the instance
+    ctx.sessions.unregister = unregister   # Sessions.serve looks it up on the instance
     return cond
 
 
@@ -57,16 +57,17 @@ async def until(cond: asyncio.Condition, pred, what: str, timeout: float = 10.0)
             raise AssertionError(f"timed out waiting for {what}") from None
 
 
-async def drain_bot_tasks(chat) -> None:
-    while chat.tasks:
-        await asyncio.wait_for(asyncio.gather(*list(chat.tasks), return_exceptions=True), TIMEOUT)
+async def drain_bot_tasks(ctx) -> None:
+    while ctx.bots.tasks or ctx.background:
+        pending = list(ctx.bots.tasks) + list(ctx.background)
+        await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), TIMEOUT)
 
 
-def registry_sizes(chat) -> dict[str, int]:
-    r = chat.registry
+def registry_sizes(ctx) -> dict[str, int]:
+    r = ctx.registry
     return {"connections": len(r.connections), "by_visitor": len(r.by_visitor), "by_agent": len(r.by_agent),
-            "by_conversation": len(r.by_conversation), "by_ip": len(r.by_ip), "convs": len(chat.convs),
-            "wheel": len(chat.wheel), "bot_tasks": len(chat.tasks)}
+            "by_conversation": len(r.by_conversation), "by_ip": len(ctx.caps), "convs": len(ctx.hub.convs),
+            "wheel": len(ctx.sessions.wheel), "bot_tasks": len(ctx.bots.tasks)}
 
 
 def open_fds() -> int:
@@ -101,9 +102,9 @@ async def recv_json(ws, timeout: float = TIMEOUT) -> dict[str, Any]:
 
 async def test_reconnect_storm_recovers_every_missed_message_once_in_order_under_the_ip_cap(server_factory):
     server = await server_factory(max_connections_per_ip=0, rate_per_s=50.0, rate_burst=50)
-    chat, settings, metrics = server.ctx.chat, server.ctx.settings, server.ctx.metrics
+    ctx, metrics = server.ctx, server.ctx.metrics
     uri = server.ws_base + "/ws/visitor"
-    unregistered = watch_unregister(chat)
+    unregistered = watch_unregister(ctx)
 
     # 1. STORM visitors, each in its own conversation (greeting = seq 1)
     async def first(i: int) -> dict[str, Any]:
@@ -119,27 +120,27 @@ async def test_reconnect_storm_recovers_every_missed_message_once_in_order_under
         return {"ws": ws, "token": welcome["token"], "cid": welcome["conversation"]["id"], "seqs": seen[1:]}
 
     clients = await asyncio.gather(*(first(i) for i in range(STORM)))
-    assert len(chat.registry.connections) == STORM
+    assert len(ctx.registry.connections) == STORM
 
     # 2. all dropped at once: transports aborted (RST), no close frame
     for c in clients:
         c["ws"].transport.abort()
-    await until(unregistered, lambda: not chat.registry.connections, "the dropped sockets to be unregistered")
-    assert registry_sizes(chat) == {k: 0 for k in registry_sizes(chat)}
+    await until(unregistered, lambda: not ctx.registry.connections, "the dropped sockets to be unregistered")
+    assert registry_sizes(ctx) == {k: 0 for k in registry_sizes(ctx)}
 
     # 3. messages they miss while away (3 each, through the server's own append + fan-out)
     async def missed(c):
-        conv = await chat.conversation(c["cid"])
+        conv = await ctx.hub.get(c["cid"])
         for k in range(3):
-            await chat.append(conv, role="bot", sender="testbot", text=f"missed {k} for {c['cid']}")
+            await ctx.hub.append(conv, role="bot", sender="testbot", text=f"missed {k} for {c['cid']}")
     await asyncio.gather(*(missed(c) for c in clients))
 
     # 4. the storm: everyone reconnects at once through a per-IP cap of half of them; refused
     #    upgrades (429) and 4029 closes (an upgrade that raced past the 429 check) back off
     #    exponentially with +-50 % jitter.
     cap = STORM // 2
-    settings["max_connections_per_ip"] = cap
-    chat.registry.peak = 0
+    ctx.caps.limit = cap
+    ctx.registry.peak = 0
     opened_before = metrics.value("kefu_connections_opened_total", kind="visitor")
     rejected_before = metrics.value("kefu_http_rejected_total", reason="connections_per_ip")
     refused = {"429": 0, "4029": 0}
@@ -184,7 +185,7 @@ async def test_reconnect_storm_recovers_every_missed_message_once_in_order_under
         recovered += 1
         if recovered == cap:
             # exactly the first `cap` are in: the cap is full, nobody else got past it
-            at_release.update(registry_sizes(chat))
+            at_release.update(registry_sizes(ctx))
             release.set()
         await release.wait()          # hold the socket until the cap is full, then leave
         await ws.close()
@@ -194,9 +195,9 @@ async def test_reconnect_storm_recovers_every_missed_message_once_in_order_under
         rng = random.Random(7)
         while not stop_live.is_set():
             c = rng.choice(clients)
-            conv = await chat.conversation(c["cid"])
-            await chat.append(conv, role="bot", sender="testbot", text="live")
-            chat._maybe_forget(c["cid"])   # as the server does when nobody is subscribed
+            conv = await ctx.hub.get(c["cid"])
+            await ctx.hub.append(conv, role="bot", sender="testbot", text="live")
+            ctx.hub.forget_if_idle(c["cid"])   # as the server does when nobody is subscribed
             live_sent[c["cid"]] = live_sent.get(c["cid"], 0) + 1
 
     producer = asyncio.create_task(live_producer())
@@ -207,8 +208,8 @@ async def test_reconnect_storm_recovers_every_missed_message_once_in_order_under
         await producer
 
     # the cap held throughout, and the refusals the clients saw are the ones the server counted
-    assert chat.registry.peak <= cap, (chat.registry.peak, cap)
-    print("storm refusals:", refused, "peak", chat.registry.peak)
+    assert ctx.registry.peak <= cap, (ctx.registry.peak, cap)
+    print("storm refusals:", refused, "peak", ctx.registry.peak)
     assert refused["429"] > 0, refused
     assert (metrics.value("kefu_http_rejected_total", reason="connections_per_ip") - rejected_before
             == refused["429"] + refused["4029"]), refused
@@ -224,14 +225,14 @@ async def test_reconnect_storm_recovers_every_missed_message_once_in_order_under
     assert sum(live_sent.values()) > 0
 
     # the server is up; the registry and the metrics are back to zero connections
-    await until(unregistered, lambda: not chat.registry.connections, "every socket to be unregistered")
-    await drain_bot_tasks(chat)
+    await until(unregistered, lambda: not ctx.registry.connections, "every socket to be unregistered")
+    await drain_bot_tasks(ctx)
     status, health = await server.http("GET", "/healthz")
     assert status == 200 and health["status"] == "ok" and health["connections"] == 0, health
-    assert registry_sizes(chat) == {k: 0 for k in registry_sizes(chat)}
+    assert registry_sizes(ctx) == {k: 0 for k in registry_sizes(ctx)}
     assert metrics.value("kefu_connections_opened_total", kind="visitor") - opened_before == STORM
     assert "kefu_connections 0\n" in metrics.render()
-    assert f"kefu_connections_peak {chat.registry.peak}\n" in metrics.render()
+    assert f"kefu_connections_peak {ctx.registry.peak}\n" in metrics.render()
 
 
 # -- THREATS 24: long-run leaks ------------------------------------------------------------
@@ -314,10 +315,10 @@ class Churn:
 
 async def quiesce(server, unregistered) -> dict[str, Any]:
     """Wait until the server has forgotten every socket and finished every bot turn; then sample."""
-    chat = server.ctx.chat
+    ctx = server.ctx
     for _ in range(3):   # a bot turn can outlive its socket; an unregister can follow a bot turn
-        await until(unregistered, lambda: not chat.registry.connections, "every socket to be unregistered")
-        await drain_bot_tasks(chat)
+        await until(unregistered, lambda: not ctx.registry.connections, "every socket to be unregistered")
+        await drain_bot_tasks(ctx)
     # one clean request/response: the loop has run every callback queued before it
     status, _ = await server.http("GET", "/healthz")
     assert status == 200
@@ -341,14 +342,14 @@ async def quiesce(server, unregistered) -> dict[str, Any]:
     ctx = server.ctx
     return {"tasks": len(asyncio.all_tasks()), "objects": objects, "kefu_conns": kefu_conns, "fds": open_fds(), "close_wait": close_wait(server.port),
             "py_bytes": tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else 0,
-            "rss": rss_bytes(), **registry_sizes(chat),
-            "new_conv_limit": len(chat.new_conv_limit), "login_failures": len(ctx.login_failures),
+            "rss": rss_bytes(), **registry_sizes(ctx),
+            "new_conv_limit": len(ctx.new_conversations), "login_failures": len(ctx.login_failures),
             "reply_limit": len(ctx.reply_limit)}
 
 
 async def test_churn_with_aborted_handshakes_and_sends_plateaus_tasks_sockets_maps_and_memory(server_factory):
     server = await server_factory()
-    unregistered = watch_unregister(server.ctx.chat)
+    unregistered = watch_unregister(server.ctx)
     # the bots' session memory is an LRU (100,000 sessions by default): keep it at its bound
     # here, so that what grows between the two samples is what no bound holds
     server.ctx.engine.memory.max_sessions = 16
@@ -391,7 +392,7 @@ async def test_rate_limit_maps_evict_old_keys(server_factory):
     server's own tick: once a key's window is over, it is gone, however many addresses came."""
     server = await server_factory(proxies_count=1)     # X-Forwarded-For names the client here
     ctx = server.ctx
-    maps = {"new_conv_limit": ctx.chat.new_conv_limit, "login_failures": ctx.login_failures,
+    maps = {"new_conv_limit": ctx.new_conversations, "login_failures": ctx.login_failures,
             "reply_limit": ctx.reply_limit}
     n = 12
     ips = [f"198.51.100.{i}" for i in range(1, n + 1)]

@@ -63,7 +63,7 @@ async def test_slow_consumer_is_cut_off_and_others_keep_their_latency(server_fac
     assert server.ctx.metrics.value("kefu_connections_closed_total", code="4008") == 1
     assert sent < 5000
     # the slow connection is gone from the registry; its queue never held more than 32 frames
-    assert all(c.kind == "agent" or c.visitor_id == vw["visitor"] for c in server.ctx.chat.registry.connections)
+    assert all(c.kind == "agent" or c.visitor_id == vw["visitor"] for c in server.ctx.registry.connections)
     ratio = statistics.median(during) / statistics.median(baseline)
     assert ratio < 20, (ratio, statistics.median(baseline), statistics.median(during))
     slow.close()
@@ -92,6 +92,6 @@ async def test_one_timing_wheel_no_task_per_connection(server):
                   if t.get_name().startswith(("kefu-writer-", "kefu-timing-", "kefu-heartbeat", "kefu-timer")))
     # per connection: its writer; for all of them: one timing wheel (no timer per connection)
     assert ours == ["timing"] + ["writer"] * 20
-    assert len(server.ctx.chat.wheel) == 20
+    assert len(server.ctx.sessions.wheel) == 20
     for c in clients:
         await c.close()

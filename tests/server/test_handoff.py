@@ -228,8 +228,8 @@ async def test_a_handoff_whose_caller_is_cancelled_still_queues_the_conversation
     ``bot`` in storage while the server has stopped the bot for it."""
     visitor, vw = await server.visitor()
     cid = vw["conversation"]["id"]
-    chat, router = server.ctx.chat, server.ctx.router
-    c = await chat.conversation(cid)
+    bots, router = server.ctx.bots, server.ctx.router
+    c = await server.ctx.hub.get(cid)
     routing, go_on = asyncio.Event(), asyncio.Event()
     real = router.request_human
 
@@ -239,7 +239,7 @@ async def test_a_handoff_whose_caller_is_cancelled_still_queues_the_conversation
         return await real(conversation_id)
 
     monkeypatch.setattr(router, "request_human", slow_request_human)
-    caller = asyncio.ensure_future(chat.handoff(c, "asked"))
+    caller = asyncio.ensure_future(bots.handoff(c, "asked"))
     await routing.wait()
     caller.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -160,7 +160,7 @@ async def test_sockets_per_ip_are_capped(server_factory):
     assert info.value.response.status_code == 429
     await clients[0].close()
     for _ in range(50):   # the server notices the close; wait on its registry, not the clock
-        if server.ctx.chat.registry.count_ip("127.0.0.1") < 3:
+        if await server.ctx.caps.count("127.0.0.1") < 3:
             break
         await asyncio.sleep(0.02)
     again = await server.connect("/ws/visitor")

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from engine import ConfigError
-from server.app import create_app, parse_business_hours
+from server.app import create_app
+from server.routing import parse_business_hours
 from server.config import load_server_config, secret_key
 
 ROOT = Path(__file__).resolve().parents[2]

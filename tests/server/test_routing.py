@@ -11,6 +11,8 @@ from server.routing import (Assigned, BusinessHours, InMemoryRoutingState, Queue
                             RoutingError, Unavailable)
 from server.storage.base import BOT, CLOSED, HUMAN, QUEUED
 
+from .test_routing_state import RedisStates
+
 
 class Clock:
     def __init__(self) -> None:
@@ -51,9 +53,29 @@ def events():
     return Events()
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def state_factory(request):
+    """Routing states for the routers of a test, every test on both: ``await state_factory()``
+    is a state of its own (for Redis a fresh prefix), ``await state_factory(same_as=st)`` another
+    worker on ``st``'s state (for memory: ``st`` itself)."""
+    if request.param == "memory":
+        async def memory(same_as=None):
+            return same_as if same_as is not None else InMemoryRoutingState()
+        yield memory
+        return
+    states = await RedisStates.open()
+
+    async def redis(same_as=None):
+        return await states.worker(None if same_as is None else same_as.prefix)
+    try:
+        yield redis
+    finally:
+        await states.aclose()
+
+
 @pytest.fixture
-def router(storage, clock, events):
-    return Router(storage, grace_s=60, clock=clock, notify=events)
+async def router(storage, clock, events, state_factory):
+    return Router(storage, grace_s=60, clock=clock, notify=events, state=await state_factory())
 
 
 async def new_convs(storage, n: int) -> list[str]:
@@ -78,7 +100,7 @@ async def test_least_loaded_wins(storage, router):
     await router.agent_connected("b", 10)
     # b has 0 < a's 2: b gets the next two
     assert [(await router.request_human(x)).agent_id for x in c[2:4]] == ["b", "b"]
-    assert (router.load("a"), router.load("b")) == (2, 2)
+    assert (await router.load("a"), await router.load("b")) == (2, 2)
     for x, agent in zip(c[:4], "aabb"):
         assert await stored(storage, x) == (HUMAN, agent)
 
@@ -91,7 +113,7 @@ async def test_capacity_respected(storage, router):
     assert [type(r) for r in results] == [Assigned] * 3 + [Queued] * 2
     assert Counter(r.agent_id for r in results[:3]) == {"a": 1, "b": 2}
     assert [r.position for r in results[3:]] == [1, 2]
-    assert (router.load("a"), router.load("b")) == (1, 2)
+    assert (await router.load("a"), await router.load("b")) == (1, 2)
     assert await stored(storage, c[3]) == (QUEUED, None)
 
 
@@ -116,7 +138,7 @@ async def test_away_agents_get_no_new_conversations(storage, router):
     await router.set_presence("a", "away")
     assert (await router.request_human(c[1])).agent_id == "b"
     assert isinstance(await router.request_human(c[2]), Queued)   # b full, a away
-    assert router.load("a") == 1                                   # a keeps its conversation
+    assert await router.load("a") == 1                                   # a keeps its conversation
     await router.set_presence("b", "away")
     assert await router.request_human(c[3]) == Unavailable(c[3], "no_agents_online")
 
@@ -127,11 +149,11 @@ async def test_fifo_queue_and_offer_on_release(storage, router, events):
     assert (await router.request_human(c[0])).agent_id == "a"
     queued = [await router.request_human(x) for x in c[1:]]
     assert queued == [Queued(c[1], 1), Queued(c[2], 2), Queued(c[3], 3)]
-    assert router.queue() == c[1:]
+    assert await router.queue() == c[1:]
     events.clear()
     await close(storage, router, c[0])
     assert events == [Assigned(c[1], "a")]
-    assert router.queue() == c[2:]
+    assert await router.queue() == c[2:]
     await close(storage, router, c[1])
     assert events[-1] == Assigned(c[2], "a")
     assert await stored(storage, c[2]) == (HUMAN, "a")
@@ -148,7 +170,7 @@ async def test_new_request_does_not_jump_the_queue(storage, router):
     assert await router.request_human(c[2]) == Queued(c[2], 2)
     await router.set_capacity("a", 1)
     assert await stored(storage, c[1]) == (HUMAN, "a")
-    assert router.queue() == [c[2]]
+    assert await router.queue() == [c[2]]
 
 
 async def test_offer_when_agent_comes_online(storage, router, events):
@@ -162,10 +184,10 @@ async def test_offer_when_agent_comes_online(storage, router, events):
     assert events == [Assigned(c[1], "b")]
     await router.set_presence("a", "away")
     await router.set_capacity("a", 2)                 # away: no offer
-    assert router.queue() == [c[2]]
+    assert await router.queue() == [c[2]]
     await router.set_presence("a", "online")          # back online: offered
     assert events[-1] == Assigned(c[2], "a")
-    assert router.queue() == []
+    assert await router.queue() == []
 
 
 async def test_offer_when_capacity_raised(storage, router, events):
@@ -176,7 +198,7 @@ async def test_offer_when_capacity_raised(storage, router, events):
     events.clear()
     await router.set_capacity("a", 3)
     assert events == [Assigned(c[1], "a"), Assigned(c[2], "a")]
-    assert router.load("a") == 3
+    assert await router.load("a") == 3
 
 
 async def test_no_agents_online_unavailable(storage, router):
@@ -188,10 +210,11 @@ async def test_no_agents_online_unavailable(storage, router):
     assert await router.request_human(c) == Unavailable(c, "no_agents_online")
 
 
-async def test_business_hours_closed_unavailable(storage, clock, events):
+async def test_business_hours_closed_unavailable(storage, clock, events, state_factory):
     hours = BusinessHours("Europe/Berlin", {"mon": "09:00-17:00"})
     now = [datetime(2026, 11, 29, 12, 0, tzinfo=timezone.utc)]         # a Sunday
-    r = Router(storage, clock=clock, notify=events, business_hours=hours, now=lambda: now[0])
+    r = Router(storage, clock=clock, notify=events, business_hours=hours, now=lambda: now[0],
+               state=await state_factory())
     (c,) = await new_convs(storage, 1)
     await r.agent_connected("a", 1)
     assert await r.request_human(c) == Unavailable(c, "outside_business_hours")
@@ -232,13 +255,13 @@ async def test_accept_by_hand(storage, router, events):
     await router.agent_connected("b", 0)
     await router.set_presence("b", "away")
     await router.set_capacity("b", 2)
-    assert router.queue() == c[1:]
+    assert await router.queue() == c[1:]
     events.clear()
     assert await router.accept(c[2], "b") == Assigned(c[2], "b")
     assert events == [Assigned(c[2], "b")]
-    assert router.queue() == [c[1]] and router.load("b") == 1
+    assert await router.queue() == [c[1]] and await router.load("b") == 1
     await router.set_capacity("a", 5)                 # a takes c1 from the queue
-    assert router.queue() == [] and router.load("a") == 2
+    assert await router.queue() == [] and await router.load("a") == 2
     with pytest.raises(RoutingError) as e:
         await router.accept(c[2], "a")
     assert e.value.code == "already_assigned"
@@ -270,13 +293,13 @@ async def test_transfer_owner_only_and_targets_checked(storage, router, events):
     await router.agent_disconnected("d")
     assert await refused(c[0], "a", "d") == "agent_unavailable"  # offline (grace) target
     assert await stored(storage, c[0]) == (HUMAN, "a")
-    assert (router.load("a"), router.load("c")) == (1, 1)
+    assert (await router.load("a"), await router.load("c")) == (1, 1)
 
     events.clear()
     assert await router.transfer(c[0], "a", "c") == Assigned(c[0], "c", previous_agent="a")
     assert events == [Assigned(c[0], "c", previous_agent="a")]
     assert await stored(storage, c[0]) == (HUMAN, "c")
-    assert (router.load("a"), router.load("c")) == (0, 2)
+    assert (await router.load("a"), await router.load("c")) == (0, 2)
     assert await refused(c[0], "a", "c") == "not_owner"          # a no longer owns it
 
 
@@ -294,7 +317,7 @@ async def test_grace_reconnect_within_grace_keeps_conversations(storage, router,
     clock.advance(3600)
     assert await router.tick() == []
     assert await stored(storage, c[0]) == (HUMAN, "a")
-    assert router.load("a") == 1
+    assert await router.load("a") == 1
 
 
 async def test_grace_expiry_requeues_and_reoffers_to_another_agent(storage, router, clock, events):
@@ -318,8 +341,8 @@ async def test_grace_expiry_requeues_and_reoffers_to_another_agent(storage, rout
     assert await stored(storage, moved) == (HUMAN, "b")
     for x in rest:
         assert await stored(storage, x) == (QUEUED, None)
-    assert router.queue() == rest
-    assert router.load("a") == 0 and "a" not in [a.agent_id for a in router.agents()]
+    assert await router.queue() == rest
+    assert await router.load("a") == 0 and "a" not in [a.agent_id for a in await router.agents()]
     await router.set_capacity("b", 3)                 # the rest follow in order
     assert [await stored(storage, x) for x in rest] == [(HUMAN, "b")] * 2
 
@@ -337,7 +360,7 @@ async def test_grace_expiry_survives_a_storage_failure(storage, router, clock, m
         raise StorageError("disk full")
     monkeypatch.setattr(storage, "transition", failing)
     assert await router.tick() == []
-    assert router.load("a") == 1                      # still held, not forgotten
+    assert await router.load("a") == 1                      # still held, not forgotten
     monkeypatch.setattr(storage, "transition", real)
     assert await router.tick() == [Queued(c, 1, previous_agent="a")]
     assert await stored(storage, c) == (QUEUED, None)
@@ -354,7 +377,7 @@ async def test_close_by_owner_only(storage, router, events):
     assert e.value.code == "not_owner"
     closed = await router.close(c[0], "a")
     assert (closed.state, closed.agent_id) == (CLOSED, "a")
-    assert router.load("a") == 0
+    assert await router.load("a") == 0
 
 
 async def test_two_tabs_one_disconnect_keeps_agent_online(storage, router, clock):
@@ -363,12 +386,12 @@ async def test_two_tabs_one_disconnect_keeps_agent_online(storage, router, clock
     await router.agent_connected("a", 5)              # second tab
     await router.request_human(c[0])
     await router.agent_disconnected("a")              # one tab closed
-    assert [x.agent_id for x in router.online_agents()] == ["a"]
+    assert [x.agent_id for x in await router.online_agents()] == ["a"]
     clock.advance(120)
     assert await router.tick() == []
     assert await router.request_human(c[1]) == Assigned(c[1], "a")
     await router.agent_disconnected("a")              # the last tab: grace starts
-    assert router.online_agents() == []
+    assert await router.online_agents() == []
     clock.advance(60)
     out = await router.tick()
     assert {e.conversation_id for e in out} == set(c) and all(isinstance(e, Queued) for e in out)
@@ -376,12 +399,12 @@ async def test_two_tabs_one_disconnect_keeps_agent_online(storage, router, clock
 
 # --------------------------------------------------------------------------- concurrency
 @pytest.mark.parametrize("same_agents", [False, True], ids=["disjoint-agents", "same-agents"])
-async def test_two_routers_assign_each_conversation_exactly_once(storage, clock, same_agents):
+async def test_two_routers_assign_each_conversation_exactly_once(storage, clock, same_agents, state_factory):
     """Two routers with their own state (two nodes, no shared load): the database's
     compare-and-set alone decides, and the loser adopts the winner's assignment."""
     ev1, ev2 = Events(), Events()
-    r1 = Router(storage, clock=clock, notify=ev1)
-    r2 = Router(storage, clock=clock, notify=ev2)
+    r1 = Router(storage, clock=clock, notify=ev1, state=await state_factory())
+    r2 = Router(storage, clock=clock, notify=ev2, state=await state_factory())
     names1 = ["a1", "a2", "a3"]
     names2 = names1 if same_agents else ["b1", "b2", "b3"]
     for n in names1:
@@ -407,18 +430,18 @@ async def test_two_routers_assign_each_conversation_exactly_once(storage, clock,
     per_agent = Counter(by_cid.values())
     if same_agents:                                   # each loser adopted the truth
         for n in names1:
-            assert r1.load(n) == r2.load(n) == per_agent[n]
+            assert await r1.load(n) == await r2.load(n) == per_agent[n]
     else:
-        assert sum(r1.load(n) for n in names1) + sum(r2.load(n) for n in names2) == 50
+        assert sum([await r1.load(n) for n in names1]) + sum([await r2.load(n) for n in names2]) == 50
 
 
-async def test_two_routers_sharing_state_respect_capacity_globally(storage, clock):
+async def test_two_routers_sharing_state_respect_capacity_globally(storage, clock, state_factory):
     """Two routers over one database and one RoutingState (what Redis will be): each
     conversation assigned at most once and no agent over capacity; the rest queued once."""
-    shared = InMemoryRoutingState()
+    shared = await state_factory()
     ev1, ev2 = Events(), Events()
     r1 = Router(storage, clock=clock, notify=ev1, state=shared)
-    r2 = Router(storage, clock=clock, notify=ev2, state=shared)
+    r2 = Router(storage, clock=clock, notify=ev2, state=await state_factory(same_as=shared))  # Redis: a second worker
     for n in ("a1", "a2", "a3"):
         await r1.agent_connected(n, 5)
     c = await new_convs(storage, 50)
@@ -431,8 +454,8 @@ async def test_two_routers_sharing_state_respect_capacity_globally(storage, cloc
     assert Counter(e.agent_id for e in winners) == {"a1": 5, "a2": 5, "a3": 5}
     states = Counter([(await stored(storage, x))[0] for x in c])
     assert states == {HUMAN: 15, QUEUED: 35}
-    assert sorted(r1.queue()) == sorted(x for x in c if x not in {e.conversation_id for e in winners})
-    assert all(r1.load(n) == 5 for n in ("a1", "a2", "a3"))
+    assert sorted(await r1.queue()) == sorted(x for x in c if x not in {e.conversation_id for e in winners})
+    assert all([await r1.load(n) == 5 for n in ("a1", "a2", "a3")])
 
 
 async def test_concurrent_requests_one_router_respect_capacity(storage, router):
@@ -466,38 +489,38 @@ async def test_a_caller_cancelled_mid_assignment_leaves_storage_and_routing_agre
         await caller
     await router.drain()
     assert await stored(storage, cid) == (HUMAN, "a")
-    assert router.load("a") == 1 and await router.state.owner(cid) == "a"
+    assert await router.load("a") == 1 and await router.state.owner(cid) == "a"
     assert [e.conversation_id for e in events.assigned()] == [cid]
 
 
 # --------------------------------------------------------------------------- restart
-async def test_restore_after_restart_rebuilds_load_and_queue(storage, clock, events):
+async def test_restore_after_restart_rebuilds_load_and_queue(storage, clock, events, state_factory):
     a = (await storage.add_agent("alice", "x", capacity=1)).id
-    r1 = Router(storage, clock=clock)
+    r1 = Router(storage, clock=clock, state=await state_factory())
     await r1.agent_connected(a, 1)
     c = await new_convs(storage, 3)
     for x in c:
         await r1.request_human(x)
-    assert r1.queue() == c[1:]
+    assert await r1.queue() == c[1:]
 
-    r2 = Router(storage, clock=clock, notify=events, grace_s=30)      # "after the restart"
+    r2 = Router(storage, clock=clock, notify=events, grace_s=30, state=await state_factory())      # "after the restart"
     await r2.restore()
-    assert r2.load(a) == 1
-    assert r2.queue() == c[1:]
-    assert r2.online_agents() == []
+    assert await r2.load(a) == 1
+    assert await r2.queue() == c[1:]
+    assert await r2.online_agents() == []
     await r2.agent_connected(a, 2)                   # alice reconnects: keeps c0, gets c1
     assert events == [Assigned(c[1], a)]
-    assert (r2.load(a), r2.queue()) == (2, [c[2]])
+    assert (await r2.load(a), await r2.queue()) == (2, [c[2]])
 
 
-async def test_restore_then_owner_never_returns_requeues(storage, clock, events):
+async def test_restore_then_owner_never_returns_requeues(storage, clock, events, state_factory):
     a = (await storage.add_agent("alice", "x", capacity=3)).id
-    r1 = Router(storage, clock=clock)
+    r1 = Router(storage, clock=clock, state=await state_factory())
     await r1.agent_connected(a, 3)
     c = await new_convs(storage, 2)
     for x in c:
         await r1.request_human(x)
-    r2 = Router(storage, clock=clock, notify=events, grace_s=30)
+    r2 = Router(storage, clock=clock, notify=events, grace_s=30, state=await state_factory())
     await r2.restore()
     await r2.agent_connected("bob", 5)
     clock.advance(31)
@@ -515,7 +538,7 @@ async def test_request_on_closed_or_missing_conversation_refused(storage, router
     with pytest.raises(RoutingError) as e:
         await router.request_human(c)
     assert e.value.code == "closed"
-    assert router.load("a") == 0
+    assert await router.load("a") == 0
     with pytest.raises(RoutingError) as e:
         await router.request_human("0" * 32)
     assert e.value.code == "not_found"
@@ -541,8 +564,8 @@ async def test_inmemory_queue_keeps_each_team_in_order_and_counts_positions_per_
     assert await st.enqueue("s1", 9.0, "sales")  # already queued: unchanged
     assert await st.queue_size() == 5 and await st.queue_size("sales") == 3 and await st.queue_size("vip") == 0
     assert [await st.position(c) for c in ("s1", "s2", "s3", "d2", "d1")] == [1, 2, 3, 1, 2]
-    assert st.queue_ids("sales") == ["s1", "s2", "s3"]           # equal scores: arrival order
-    assert st.queue_ids() == ["d2", "s1", "d1", "s2", "s3"]       # all teams, merged by score
+    assert await st.queue_ids("sales") == ["s1", "s2", "s3"]           # equal scores: arrival order
+    assert await st.queue_ids() == ["d2", "s1", "d1", "s2", "s3"]       # all teams, merged by score
     assert await st.queue_teams() == ["default", "sales"]          # the head that sorts first first
     assert await st.dequeue("s2") and not await st.dequeue("s2")
     assert await st.position("s3") == 2
@@ -555,7 +578,7 @@ async def test_inmemory_queue_keeps_each_team_in_order_and_counts_positions_per_
 async def test_team_cache_stays_bounded_and_still_answers(storage, monkeypatch):
     """Rule: conversations that are never released (the visitor just left) do not grow the
     router's conversation -> team cache without bound; an evicted one is read again."""
-    from server import routing
+    from server.routing import router as routing
 
     monkeypatch.setattr(routing, "TEAM_CACHE_SIZE", 3)
     router = Router(storage, bot_teams={"shop": "sales"})
@@ -568,7 +591,7 @@ async def test_team_cache_stays_bounded_and_still_answers(storage, monkeypatch):
 async def test_team_cache_evicts_the_least_recently_used(storage, monkeypatch):
     """Rule: a conversation whose team is asked for keeps its cache entry; the one nobody asked
     about for longest is evicted (an active chat never pays a database read per routing call)."""
-    from server import routing
+    from server.routing import router as routing
 
     monkeypatch.setattr(routing, "TEAM_CACHE_SIZE", 3)
     router = Router(storage, bot_teams={"shop": "sales"})

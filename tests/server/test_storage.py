@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy import event
 
-from server.storage import (BOT, HUMAN, MAX_PAGE, QUEUED, SCHEMA_VERSION, Conflict, NotFound,
+from server.storage import (BOT, HUMAN, MAX_PAGE, QUEUED, SCHEMA_VERSION, DuplicateKey, NoSuchRow,
                             SchemaTooNew, StorageError, open_storage)
 
 from .storage_support import Target, my_admin, pg_admin, pg_database, storage, target  # noqa: F401
@@ -269,7 +269,7 @@ async def test_agent_password_change_bumps_token_version(storage):
     assert (changed.password_hash, changed.token_version) == ("hash-2", 2)
     assert (await storage.get_agent(agent_id=a.id)).token_version == 2
     assert await storage.update_agent("0" * 32, password_hash="x") is None
-    with pytest.raises(Conflict):
+    with pytest.raises(DuplicateKey):
         await storage.add_agent("alice", "other")
     await storage.add_agent("Alice", "h")        # usernames compare exactly
     assert [x.username for x in await storage.list_agents()] == ["Alice", "alice"]
@@ -313,7 +313,7 @@ async def test_failing_batch_item_does_not_fail_the_others(storage, target):
     assert storage.stats.failed_batches == before + 1   # they were one batch, which failed
     assert isinstance(results[7], StorageError) and "poison" in repr(results[7].__cause__).lower()
     assert isinstance(results[20], StorageError)
-    assert isinstance(results[21], NotFound) and isinstance(results[21], StorageError)
+    assert isinstance(results[21], NoSuchRow) and isinstance(results[21], StorageError)
     good = [r for i, r in enumerate(results[:20]) if i != 7]
     assert all(isinstance(r, tuple) and r[1] for r in good), results
     assert sorted(m.seq for m, _ in good) == list(range(1, 20))   # no seq burnt by the failure

@@ -13,7 +13,7 @@ import uuid
 import pytest
 from engine import ConfigError
 
-from server.app import bot_teams
+from server.config import bot_teams
 from server.auth import hash_password
 
 
@@ -59,7 +59,7 @@ async def test_assignment_stays_within_team(teams):
     _, cid2 = await handoff(teams)                   # least-loaded overall would be dora
     assert (await sue.expect("assigned"))["conversation"]["id"] == cid2
     await quiet(dora, lambda f: f.get("type") == "assigned")
-    assert teams.ctx.router.load("dora") == 0
+    assert await teams.ctx.router.load("dora") == 0
 
 
 async def test_no_agent_of_the_team_online_is_unavailable(teams):
@@ -129,7 +129,7 @@ async def test_agent_cannot_accept_another_teams_conversation(teams, caplog):
     assert records[0].audit["agent"] == (await teams.ctx.storage.get_agent(username="dora")).id
     assert records[0].audit["conversation"] == cid2
     assert teams.ctx.metrics.value("kefu_audit_total", action="accept") == 1
-    assert teams.ctx.router.queue() == [cid2]               # still waiting for its team
+    assert await teams.ctx.router.queue() == [cid2]               # still waiting for its team
     assert (await teams.ctx.storage.get_conversation(cid2)).state == "queued"
 
 

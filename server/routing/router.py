@@ -1,4 +1,4 @@
-"""Routing: least-loaded assignment of conversations to human agents.
+"""The router: least-loaded assignment of conversations to human agents.
 
 A library the server calls from its WebSocket handlers and its timing wheel.
 
@@ -18,9 +18,11 @@ A library the server calls from its WebSocket handlers and its timing wheel.
   through :meth:`Storage.transition`; only the winner's result counts, and a loser (a second
   router over the same database) updates its own view from the stored row.  So one
   conversation is never assigned twice, even by concurrent routers.
-* Shared state (presence, capacity, load, the queue) lives behind :class:`RoutingState`.
-  Slots are *reserved* atomically in the state before the compare-and-set and committed or
-  cancelled after it, so no lock is ever held across an await.
+* Shared state (presence, capacity, load, the queue) lives behind
+  :class:`~server.routing.state.RoutingState` (in process, or Redis for several workers and
+  nodes: every worker runs a router over the same state).  Slots are *reserved* atomically in
+  the state before the compare-and-set and committed or cancelled after it, so no lock is
+  ever held across an await.
 
 Notifications: ``notify`` is awaited for every :class:`Assigned` this router makes (from
 :meth:`Router.request_human`, the queue, :meth:`Router.accept`, :meth:`Router.transfer`) and
@@ -31,530 +33,26 @@ without notifying (the winner did).
 """
 from __future__ import annotations
 
-import abc
 import asyncio
-import bisect
 import functools
-import heapq
-import itertools
 import logging
 import math
-import re
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable, Mapping, Sequence, Union
-from zoneinfo import ZoneInfo
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 from server.storage.base import BOT, CLOSED, HUMAN, QUEUED, Conversation, Storage
-from server.storage.detached import run_to_end, wait_all
+from server.tasks import run_to_end, wait_all
 
-log = logging.getLogger(__name__)
+from .events import Assigned, Event, Queued, RoutingError, Unavailable
+from .hours import BusinessHours
+from .state import DEFAULT_TEAM, ONLINE, PRESENCES, AgentInfo, InMemoryRoutingState, RoutingState
 
-ONLINE, AWAY = "online", "away"
-DEFAULT_TEAM = "default"
-PRESENCES = (ONLINE, AWAY)
+log = logging.getLogger("kefu.routing")
+
 TEAM_CACHE_SIZE = 10_000   # conversations whose team Router.team_of keeps in memory
 
-
-# --------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class Assigned:
-    conversation_id: str
-    agent_id: str
-    previous_agent: str | None = None
-
-
-@dataclass(frozen=True)
-class Queued:
-    conversation_id: str
-    position: int              # 1-based
-    previous_agent: str | None = None   # set when re-queued after that agent's grace expired
-
-
-@dataclass(frozen=True)
-class Unavailable:
-    conversation_id: str
-    reason: str                # "no_agents_online" | "outside_business_hours"
-
-
-Event = Union[Assigned, Queued, Unavailable]
-
-
-class RoutingError(Exception):
-    """A refused routing action.  ``code`` is one of: ``agent_unavailable`` (agent not
-    connected, or away, as a transfer target), ``agent_full`` (at capacity), ``not_owner``,
-    ``not_found``, ``closed``, ``already_assigned``, ``not_queued``, ``invalid``,
-    ``forbidden`` (the agent is not in the conversation's team)."""
-
-    def __init__(self, code: str, message: str = ""):
-        super().__init__(message or code)
-        self.code = code
-
-
-# --------------------------------------------------------------------------- business hours
-_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_RANGE = re.compile(r"^\s*(\d{1,2}):(\d{2})\s*-\s*(\d{1,2}):(\d{2})\s*$")
-
-
-def _minutes(h: str, m: str, *, end: bool) -> int:
-    hh, mm = int(h), int(m)
-    if mm > 59 or hh > 24 or (hh == 24 and (mm or not end)):
-        raise ValueError(f"bad time {h}:{m}")
-    return hh * 60 + mm
-
-
-class BusinessHours:
-    """Opening hours in one time zone.
-
-    ``days`` maps a weekday (``mon`` .. ``sun``, or a full English name) to ``"HH:MM-HH:MM"``,
-    several ranges separated by commas, or a list of them.  An empty mapping means always
-    open; otherwise a day that is missing or empty is closed.  ``24:00`` is allowed as an end,
-    and a range whose end is not after its start runs past midnight into the next day
-    (``"22:00-02:00"``).  Start is inclusive, end exclusive.
-    """
-
-    def __init__(self, tz: str = "UTC", days: Mapping[str, str | Sequence[str]] | None = None):
-        self.tz = ZoneInfo(tz)
-        self.tz_name = tz
-        self.ranges: dict[int, list[tuple[int, int]]] = {}
-        for day, spec in (days or {}).items():
-            key = str(day).strip().lower()[:3]
-            if key not in _DAYS:
-                raise ValueError(f"unknown weekday {day!r}")
-            parts = [spec] if isinstance(spec, str) else list(spec)
-            out: list[tuple[int, int]] = []
-            for part in parts:
-                for piece in str(part).split(","):
-                    if not piece.strip():
-                        continue
-                    m = _RANGE.match(piece)
-                    if not m:
-                        raise ValueError(f"bad range {piece!r} for {day}: want HH:MM-HH:MM")
-                    out.append((_minutes(m[1], m[2], end=False), _minutes(m[3], m[4], end=True)))
-            self.ranges.setdefault(_DAYS.index(key), []).extend(out)
-        self.always_open = not days
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any] | None) -> "BusinessHours | None":
-        """``{"timezone": "Europe/Berlin", "hours": {"mon": "09:00-17:00", ...}}``; the day
-        keys may also sit at the top level.  None or an empty mapping: always open (None)."""
-        if not cfg:
-            return None
-        cfg = dict(cfg)
-        tz = cfg.pop("timezone", None) or cfg.pop("tz", None) or "UTC"
-        days = cfg.pop("hours", None) or cfg.pop("days", None) or {}
-        days = {**days, **{k: v for k, v in cfg.items() if str(k).lower()[:3] in _DAYS}}
-        return cls(tz, days)
-
-    def is_open(self, now: datetime) -> bool:
-        if self.always_open:
-            return True
-        if now.tzinfo is None:
-            now = now.replace(tzinfo=timezone.utc)
-        local = now.astimezone(self.tz)
-        minute = local.hour * 60 + local.minute
-        today = local.weekday()
-        for start, end in self.ranges.get(today, ()):
-            if end > start and start <= minute < end:
-                return True
-            if end <= start and minute >= start:          # overnight range, evening part
-                return True
-        for start, end in self.ranges.get((today - 1) % 7, ()):
-            if end <= start and minute < end:             # yesterday's overnight range
-                return True
-        return False
-
-    def __repr__(self) -> str:
-        return f"BusinessHours({self.tz_name!r}, {self.ranges!r})"
-
-
-# --------------------------------------------------------------------------- state
-@dataclass(frozen=True)
-class AgentInfo:
-    """A snapshot of one agent as routing sees it."""
-    agent_id: str
-    status: str                 # online | away
-    sockets: int                # open sockets (tabs); 0 while in the grace period
-    capacity: int
-    load: int                   # open conversations (+ slots reserved for assignments in flight)
-    grace_deadline: float | None = None   # set while disconnected and holding conversations
-    team: str = DEFAULT_TEAM
-
-
-class RoutingState(abc.ABC):
-    """Presence, capacity, load and the queue.  Every mutating method is atomic.
-
-    The assignment protocol: :meth:`reserve` (or :meth:`reserve_agent`) takes one slot from an
-    eligible agent, the router then does the compare-and-set in the database, then calls
-    :meth:`commit` (slot becomes a conversation) or :meth:`cancel` (slot given back).  An
-    agent is *eligible* when connected (sockets > 0), ``online`` and ``load < capacity``.
-
-    Agents and queued conversations each belong to a team (``connect``/``enqueue``): a slot
-    is only ever reserved from, and the queue only offered to, agents of the same team.
-
-    A Redis backend maps this onto: a hash per agent (status, sockets, capacity, deadline,
-    team), per team a sorted set of eligible agents scored ``load * 2**32 + last_assigned`` (ZPOPMIN + re-add in
-    one Lua script for :meth:`reserve`), a set of conversations per agent, a sorted set for
-    the queue scored by arrival, and INCR counters.  The ``snapshot`` methods (``load``,
-    ``queue_ids``, ``agents``) are synchronous: such a backend serves them from a local cache.
-    """
-
-    # -- agents
-    @abc.abstractmethod
-    async def connect(self, agent_id: str, capacity: int, team: str = DEFAULT_TEAM) -> AgentInfo:
-        """One more socket; sets capacity and team; clears any grace deadline."""
-
-    @abc.abstractmethod
-    async def disconnect(self, agent_id: str, deadline: float) -> AgentInfo | None:
-        """One socket fewer; when none are left the agent holds its conversations until
-        ``deadline``.  None for an unknown agent."""
-
-    @abc.abstractmethod
-    async def set_status(self, agent_id: str, status: str) -> AgentInfo | None: ...
-
-    @abc.abstractmethod
-    async def set_capacity(self, agent_id: str, capacity: int) -> AgentInfo | None: ...
-
-    @abc.abstractmethod
-    async def expire(self, now: float) -> list[tuple[str, list[str]]]:
-        """Remove agents whose grace deadline passed (no socket came back); return each with
-        the conversations it held (which are unbound)."""
-
-    @abc.abstractmethod
-    async def hold(self, agent_id: str, deadline: float, capacity: int = 0) -> None:
-        """Make sure an agent entry exists (not connected, holding until ``deadline`` unless
-        it is connected already); used by restore."""
-
-    # -- slots
-    @abc.abstractmethod
-    async def reserve(self, team: str = DEFAULT_TEAM) -> str | None:
-        """Atomically take one slot from the least-loaded eligible agent of ``team`` (ties:
-        least recently assigned) and return it, or None when nobody there is free."""
-
-    @abc.abstractmethod
-    async def reserve_agent(self, agent_id: str, *, allow_away: bool = False) -> str | None:
-        """Take one slot from this agent: None on success, else the refusal code
-        (``agent_unavailable`` or ``agent_full``)."""
-
-    @abc.abstractmethod
-    async def commit(self, conversation_id: str, agent_id: str) -> None:
-        """A reserved slot of ``agent_id`` now holds ``conversation_id``."""
-
-    @abc.abstractmethod
-    async def cancel(self, agent_id: str) -> None:
-        """Give a reserved slot back."""
-
-    @abc.abstractmethod
-    async def adopt(self, conversation_id: str, agent_id: str) -> bool:
-        """Record an ownership learnt from the database (no reservation, may exceed capacity).
-        Only for agents this state knows; False (nothing recorded) otherwise."""
-
-    @abc.abstractmethod
-    async def unbind(self, conversation_id: str) -> str | None:
-        """Forget the conversation's owner; return who it was."""
-
-    @abc.abstractmethod
-    async def owner(self, conversation_id: str) -> str | None: ...
-
-    @abc.abstractmethod
-    async def any_online(self, team: str | None = None) -> bool:
-        """Is any agent (of ``team``, when given) connected and online (not away)?"""
-
-    # -- queue
-    @abc.abstractmethod
-    async def enqueue(self, conversation_id: str, score: float, team: str = DEFAULT_TEAM) -> bool:
-        """Add (or keep) a conversation in ``team``'s queue, ordered by ``score`` then arrival.
-        A conversation with an owner is never queued (False): binding one (commit, adopt)
-        also takes it out of the queue, so whichever of two racing routers comes last, a
-        conversation is either owned or queued, never both."""
-
-    @abc.abstractmethod
-    async def dequeue(self, conversation_id: str) -> bool: ...
-
-    @abc.abstractmethod
-    async def queue_size(self, team: str | None = None) -> int:
-        """Queued conversations (of ``team``, when given)."""
-
-    @abc.abstractmethod
-    async def pop_queue(self, team: str = DEFAULT_TEAM) -> tuple[str, float] | None:
-        """Remove and return the head of ``team``'s queue with its score."""
-
-    @abc.abstractmethod
-    async def position(self, conversation_id: str) -> int | None:
-        """1-based position in its team's queue, None when not queued."""
-
-    @abc.abstractmethod
-    async def queue_teams(self) -> list[str]:
-        """The teams with conversations queued, in order of their heads' arrival."""
-
-    # -- snapshots (synchronous; may be a local cache in a distributed backend)
-    @abc.abstractmethod
-    def load(self, agent_id: str) -> int: ...
-
-    @abc.abstractmethod
-    def queue_ids(self, team: str | None = None) -> list[str]: ...
-
-    @abc.abstractmethod
-    def team(self, agent_id: str) -> str | None:
-        """The team of an agent this state knows (given at :meth:`connect`), else None."""
-
-    @abc.abstractmethod
-    def agents(self) -> list[AgentInfo]: ...
-
-
-@dataclass
-class _Agent:
-    agent_id: str
-    capacity: int
-    status: str = ONLINE
-    sockets: int = 0
-    conversations: dict[str, None] = field(default_factory=dict)   # oldest first
-    pending: int = 0
-    last_assigned: int = 0
-    deadline: float | None = None
-    version: int = 0
-    team: str = DEFAULT_TEAM
-
-    @property
-    def load(self) -> int:
-        return len(self.conversations) + self.pending
-
-    @property
-    def eligible(self) -> bool:
-        return self.sockets > 0 and self.status == ONLINE and self.load < self.capacity
-
-    def info(self) -> AgentInfo:
-        return AgentInfo(self.agent_id, self.status, self.sockets, self.capacity, self.load,
-                         self.deadline, self.team)
-
-
-class InMemoryRoutingState(RoutingState):
-    """One process.  Eligible agents sit in one min-heap per team keyed by (load, last
-    assigned, agent id); every change pushes a fresh entry and stale ones are skipped on pop
-    (lazy deletion, compacted when a heap grows past a few times the number of agents).
-    The queue is one sorted list per team (score, then arrival), so size, position and pop
-    look at one team's entries only."""
-
-    def __init__(self) -> None:
-        self._agents: dict[str, _Agent] = {}
-        self._owner: dict[str, str] = {}
-        self._heaps: dict[str, list[tuple[int, int, str, int]]] = {}   # team -> eligible agents
-        self._rr = itertools.count(1)
-        self._versions = itertools.count(1)
-        self._arrivals = itertools.count()
-        self._queues: dict[str, list[tuple[float, int, str]]] = {}   # team -> sorted entries
-        self._queued: dict[str, tuple[tuple[float, int, str], str]] = {}  # conversation -> (entry, team)
-
-    # -- helpers
-    def _touch(self, a: _Agent) -> None:
-        a.version = next(self._versions)
-        if a.eligible:
-            heap = self._heaps.setdefault(a.team, [])
-            heapq.heappush(heap, (a.load, a.last_assigned, a.agent_id, a.version))
-            if len(heap) > 4 * len(self._agents) + 32:
-                heap[:] = [(x.load, x.last_assigned, x.agent_id, x.version)
-                           for x in self._agents.values() if x.eligible and x.team == a.team]
-                heapq.heapify(heap)
-
-    def _take(self, a: _Agent) -> None:
-        a.pending += 1
-        a.last_assigned = next(self._rr)
-        self._touch(a)
-
-    # -- agents
-    async def connect(self, agent_id: str, capacity: int, team: str = DEFAULT_TEAM) -> AgentInfo:
-        a = self._agents.get(agent_id)
-        if a is None:
-            a = self._agents[agent_id] = _Agent(agent_id, capacity)
-        a.team = team       # a changed team: its old heap's entries go stale with the version
-        a.sockets += 1
-        a.capacity = capacity
-        a.deadline = None
-        self._touch(a)
-        return a.info()
-
-    async def disconnect(self, agent_id: str, deadline: float) -> AgentInfo | None:
-        a = self._agents.get(agent_id)
-        if a is None:
-            return None
-        a.sockets = max(0, a.sockets - 1)
-        if a.sockets == 0:
-            a.deadline = deadline
-        self._touch(a)
-        return a.info()
-
-    async def set_status(self, agent_id: str, status: str) -> AgentInfo | None:
-        a = self._agents.get(agent_id)
-        if a is None:
-            return None
-        a.status = status
-        self._touch(a)
-        return a.info()
-
-    async def set_capacity(self, agent_id: str, capacity: int) -> AgentInfo | None:
-        a = self._agents.get(agent_id)
-        if a is None:
-            return None
-        a.capacity = capacity
-        self._touch(a)
-        return a.info()
-
-    async def expire(self, now: float) -> list[tuple[str, list[str]]]:
-        out = []
-        for a in list(self._agents.values()):
-            if a.sockets == 0 and a.deadline is not None and a.deadline <= now and not a.pending:
-                del self._agents[a.agent_id]
-                convs = list(a.conversations)
-                for c in convs:
-                    self._owner.pop(c, None)
-                out.append((a.agent_id, convs))
-        return out
-
-    async def hold(self, agent_id: str, deadline: float, capacity: int = 0) -> None:
-        a = self._agents.get(agent_id)
-        if a is None:
-            a = self._agents[agent_id] = _Agent(agent_id, capacity)
-        if a.sockets == 0 and a.deadline is None:
-            a.deadline = deadline
-        self._touch(a)
-
-    # -- slots
-    async def reserve(self, team: str = DEFAULT_TEAM) -> str | None:
-        heap = self._heaps.get(team, [])
-        while heap:
-            load, _, agent_id, version = heapq.heappop(heap)
-            a = self._agents.get(agent_id)
-            if a is None or a.version != version or not a.eligible:   # stale (a team change bumps the version)
-                continue
-            self._take(a)
-            return agent_id
-        return None
-
-    async def reserve_agent(self, agent_id: str, *, allow_away: bool = False) -> str | None:
-        a = self._agents.get(agent_id)
-        if a is None or a.sockets == 0 or (a.status != ONLINE and not allow_away):
-            return "agent_unavailable"
-        if a.load >= a.capacity:
-            return "agent_full"
-        self._take(a)
-        return None
-
-    async def commit(self, conversation_id: str, agent_id: str) -> None:
-        a = self._agents.get(agent_id)
-        if a is None:        # vanished while the write was in flight: expire at next tick
-            a = self._agents[agent_id] = _Agent(agent_id, 0, deadline=float("-inf"))
-        else:
-            a.pending = max(0, a.pending - 1)
-        self._bind(conversation_id, a)
-
-    def _bind(self, conversation_id: str, a: _Agent) -> None:
-        old = self._owner.get(conversation_id)
-        if old is not None and old != a.agent_id and old in self._agents:
-            prev = self._agents[old]
-            prev.conversations.pop(conversation_id, None)
-            self._touch(prev)
-        self._owner[conversation_id] = a.agent_id
-        a.conversations[conversation_id] = None
-        self._unqueue(conversation_id)
-        self._touch(a)
-
-    async def cancel(self, agent_id: str) -> None:
-        a = self._agents.get(agent_id)
-        if a is not None and a.pending:
-            a.pending -= 1
-            self._touch(a)
-
-    async def adopt(self, conversation_id: str, agent_id: str) -> bool:
-        a = self._agents.get(agent_id)
-        if a is None:
-            await self.unbind(conversation_id)
-            return False
-        self._bind(conversation_id, a)
-        return True
-
-    async def unbind(self, conversation_id: str) -> str | None:
-        agent_id = self._owner.pop(conversation_id, None)
-        if agent_id is not None and (a := self._agents.get(agent_id)) is not None:
-            a.conversations.pop(conversation_id, None)
-            self._touch(a)
-        return agent_id
-
-    async def owner(self, conversation_id: str) -> str | None:
-        return self._owner.get(conversation_id)
-
-    async def any_online(self, team: str | None = None) -> bool:
-        return any(a.sockets > 0 and a.status == ONLINE and (team is None or a.team == team)
-                   for a in self._agents.values())
-
-    # -- queue
-    async def enqueue(self, conversation_id: str, score: float, team: str = DEFAULT_TEAM) -> bool:
-        if conversation_id in self._owner:
-            return False
-        if conversation_id in self._queued:
-            return True
-        key = (score, next(self._arrivals), conversation_id)
-        bisect.insort(self._queues.setdefault(team, []), key)
-        self._queued[conversation_id] = (key, team)
-        return True
-
-    async def dequeue(self, conversation_id: str) -> bool:
-        return self._unqueue(conversation_id)
-
-    def _unqueue(self, conversation_id: str) -> bool:
-        entry = self._queued.pop(conversation_id, None)
-        if entry is None:
-            return False
-        key, team = entry
-        queue = self._queues[team]
-        del queue[bisect.bisect_left(queue, key)]
-        if not queue:
-            del self._queues[team]
-        return True
-
-    async def queue_size(self, team: str | None = None) -> int:
-        if team is None:
-            return len(self._queued)
-        return len(self._queues.get(team, ()))
-
-    async def pop_queue(self, team: str = DEFAULT_TEAM) -> tuple[str, float] | None:
-        queue = self._queues.get(team)
-        if not queue:
-            return None
-        score, _, cid = queue[0]
-        self._unqueue(cid)
-        return cid, score
-
-    async def position(self, conversation_id: str) -> int | None:
-        entry = self._queued.get(conversation_id)
-        if entry is None:
-            return None
-        key, team = entry
-        return 1 + bisect.bisect_left(self._queues[team], key)
-
-    async def queue_teams(self) -> list[str]:
-        """Teams with queued conversations, the team whose head entry sorts first first."""
-        return [team for team, queue in sorted(self._queues.items(), key=lambda tq: tq[1][0])]
-
-    # -- snapshots
-    def load(self, agent_id: str) -> int:
-        a = self._agents.get(agent_id)
-        return a.load if a else 0
-
-    def queue_ids(self, team: str | None = None) -> list[str]:
-        queues = self._queues.values() if team is None else [self._queues.get(team, [])]
-        return [cid for _, _, cid in heapq.merge(*queues)]
-
-    def team(self, agent_id: str) -> str | None:
-        a = self._agents.get(agent_id)
-        return a.team if a else None
-
-    def agents(self) -> list[AgentInfo]:
-        return [a.info() for a in sorted(self._agents.values(), key=lambda a: a.agent_id)]
-
-
-# --------------------------------------------------------------------------- router
 Notify = Callable[[Event], Awaitable[None]]
 
 
@@ -586,7 +84,8 @@ class Router:
                  clock: Callable[[], float] = time.monotonic,
                  state: RoutingState | None = None,
                  now: Callable[[], datetime] | None = None,
-                 bot_teams: Mapping[str, str] | None = None):
+                 bot_teams: Mapping[str, str] | None = None,
+                 on_new_generation: Callable[[], Awaitable[None]] | None = None):
         self.storage = storage
         # a conversation's team is its bot's (``[server] bot_teams``); unlisted bots: "default"
         self.bot_teams = dict(bot_teams or {})
@@ -603,6 +102,27 @@ class Router:
         self._running: set[asyncio.Task] = set()
         # conversations re-queued after their agent's grace expired -> that agent
         self._previous: dict[str, str] = {}
+        # the shared state's generation this router last saw (None: not started)
+        self._generation: str | None = None
+        self._on_new_generation = on_new_generation
+
+    async def start(self) -> None:
+        """At start-up: adopt the shared state, rebuilding it from the database if this worker
+        is the first to use it (see :meth:`sync_generation`)."""
+        await self.sync_generation()
+
+    async def sync_generation(self) -> None:
+        """Follow the state's generation (:meth:`RoutingState.generation`): the first worker
+        to see a new one rebuilds load and queue from the database (:meth:`restore`), and
+        every worker that sees it change calls ``on_new_generation`` (which re-announces its
+        agents' sockets).  A Redis that restarted empty is refilled this way within a tick."""
+        token, created = await self.state.generation()
+        if created:
+            await self.restore()
+        if token != self._generation:
+            self._generation = token
+            if self._on_new_generation is not None:
+                await self._on_new_generation()
 
     async def drain(self) -> None:
         """Wait for operations still running after their callers went away (at shutdown,
@@ -629,9 +149,9 @@ class Router:
                 self._teams.popitem(last=False)
         return team
 
-    def agent_team(self, agent_id: str) -> str | None:
+    async def agent_team(self, agent_id: str) -> str | None:
         """The team an agent connected with; None for an agent routing does not know."""
-        return self.state.team(agent_id)
+        return await self.state.team(agent_id)
 
     # -- notifications
     async def _notify(self, event: Event) -> None:
@@ -656,6 +176,13 @@ class Router:
     async def agent_disconnected(self, agent_id: str) -> None:
         """A socket closed; when the last one goes, the grace period starts."""
         await self.state.disconnect(agent_id, self.clock() + self.grace_s)
+
+    async def announce(self, agent_id: str, sockets: int, capacity: int, team: str, status: str) -> None:
+        """This worker holds ``sockets`` sockets of the agent (after the shared state was lost
+        or unreachable; see :meth:`RoutingState.announce`)."""
+        await self.state.announce(agent_id, sockets, capacity, team, status, self.clock() + self.grace_s)
+        if sockets:
+            await self._offer()
 
     @_runs_to_end
     async def set_presence(self, agent_id: str, status: str) -> None:
@@ -713,7 +240,7 @@ class Router:
         """An agent takes a queued conversation by hand (if connected and under capacity;
         an agent who is away may still pick one explicitly).  Only from the agent's own team
         (else ``forbidden``)."""
-        if (self.agent_team(agent_id) or DEFAULT_TEAM) != await self.team_of(conversation_id):
+        if (await self.agent_team(agent_id) or DEFAULT_TEAM) != await self.team_of(conversation_id):
             raise RoutingError("forbidden", f"{conversation_id} is not in {agent_id}'s team")
         refused = await self.state.reserve_agent(agent_id, allow_away=True)
         if refused:
@@ -760,7 +287,7 @@ class Router:
         under capacity, and in the conversation's team (else ``forbidden``)."""
         if from_agent == to_agent:
             raise RoutingError("invalid", "cannot transfer to oneself")
-        target_team = self.agent_team(to_agent)
+        target_team = await self.agent_team(to_agent)
         if target_team is not None and target_team != await self.team_of(conversation_id):
             raise RoutingError("forbidden", f"{to_agent} is not in {conversation_id}'s team")
         refused = await self.state.reserve_agent(to_agent)
@@ -775,7 +302,7 @@ class Router:
                 await self.state.adopt(conversation_id, current.agent_id)
             raise RoutingError("not_owner", f"{conversation_id} is not with {from_agent}")
         await self.state.commit(conversation_id, to_agent)    # also unbinds from_agent
-        event = Assigned(conversation_id, to_agent, previous_agent=from_agent)
+        event = Assigned(conversation_id, to_agent, previous_agent=from_agent, transfer=True)
         await self._notify(event)
         await self._offer()                                   # from_agent has a free slot
         return event
@@ -786,9 +313,11 @@ class Router:
         were notified: :class:`Assigned` for every assignment made (``previous_agent`` set for
         a conversation whose agent's grace expired), then :class:`Queued` (with
         ``previous_agent``) for each re-queued conversation still waiting."""
+        if self._generation is not None:
+            await self.sync_generation()
         requeued: list[tuple[str, str]] = []
         now = self.clock()
-        for agent_id, convs in await self.state.expire(now):
+        for agent_id, convs in await self.state.expire(now, self.grace_s):
             for cid in convs:
                 try:
                     conv = await self.storage.transition(cid, to_state=QUEUED, agent_id=None,
@@ -844,20 +373,20 @@ class Router:
             before = math.nextafter(min(c.created_at for c in page), math.inf)
 
     # -- views
-    def load(self, agent_id: str) -> int:
-        return self.state.load(agent_id)
+    async def load(self, agent_id: str) -> int:
+        return await self.state.load(agent_id)
 
-    def queue(self, team: str | None = None) -> list[str]:
+    async def queue(self, team: str | None = None) -> list[str]:
         """Queued conversation ids in order (only ``team``'s when given)."""
-        return self.state.queue_ids(team)
+        return await self.state.queue_ids(team)
 
-    def online_agents(self) -> list[AgentInfo]:
+    async def online_agents(self) -> list[AgentInfo]:
         """Agents with at least one socket open (online or away)."""
-        return [a for a in self.state.agents() if a.sockets > 0]
+        return [a for a in await self.state.agents() if a.sockets > 0]
 
-    def agents(self) -> list[AgentInfo]:
+    async def agents(self) -> list[AgentInfo]:
         """Every agent routing knows, including those in their grace period."""
-        return self.state.agents()
+        return await self.state.agents()
 
     # -- internals
     async def _assign(self, conversation_id: str, agent_id: str,

@@ -1,4 +1,4 @@
-"""server.storage.detached: an operation outlives its cancelled caller, and its failure is
+"""server.tasks: an operation outlives its cancelled caller, and its failure is
 reported once, to whoever can still hear it."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.storage.detached import run_to_end, wait_all
+from server.tasks import run_to_end, wait_all
 
 
 async def test_a_cancelled_caller_does_not_stop_the_operation():
