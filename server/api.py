@@ -310,7 +310,9 @@ async def healthz(request: Request) -> HTTPResponse:
 
 @ops.get("/metrics")
 async def metrics(request: Request) -> HTTPResponse:
-    return text_response(request.app.ctx.metrics.render(), content_type="text/plain; version=0.0.4; charset=utf-8")
+    ctx = request.app.ctx
+    text = await ctx.shared_metrics.render() if ctx.shared_metrics is not None else ctx.metrics.render()
+    return text_response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 def error_response(request: Request, exc: KefuError) -> HTTPResponse:

@@ -49,6 +49,7 @@ class KefuContext:
     metrics: Metrics = field(default_factory=Metrics)
     worker: WorkerIdentity | None = None
     redis: Any = None
+    shared_metrics: Any = None       # server.redis_metrics.SharedMetrics, with Redis
     engine: Engine | None = None
     storage: Any = None
     state: RoutingState | None = None
@@ -206,7 +207,14 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
     await ctx.broker.start()
     await router.start()
     _gauges(ctx)
-    ctx.metrics.gauge("kefu_queue_length", lambda: queue_length[0], "Conversations waiting for an agent.")
+    ctx.metrics.gauge("kefu_queue_length", lambda: queue_length[0],
+                      "Conversations waiting for an agent (of every worker: the same on each).")
+    if s.shared:
+        from .redis_metrics import SharedMetrics
+
+        ctx.shared_metrics = SharedMetrics(ctx.redis, ctx.metrics, prefix=s.redis_prefix, worker_id=worker.id,
+                                           push_s=s.metrics_push_s)
+        await ctx.shared_metrics.start()
     sessions.start()
 
 
@@ -245,6 +253,8 @@ async def _close(app: Sanic, _loop: Any = None) -> None:
         task.cancel()
     if ctx.engine is not None:
         await ctx.engine.close()
+    if ctx.shared_metrics is not None:
+        await ctx.shared_metrics.close()
     if ctx.broker is not None:
         await ctx.broker.close()
     if ctx.state is not None:

@@ -17,6 +17,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", help="address to listen on (server.host, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (server.port, default 8000)")
     serve.add_argument("--data-dir", type=Path, help="SQLite file and generated secret (server.data_dir, default ./data)")
+    serve.add_argument("--workers", type=int, help="worker processes (server.workers, default 1; more than 1 "
+                                                   "needs server.redis_url)")
+    # also after the command (``kefu serve --config FILE``); SUPPRESS keeps ``kefu --config FILE serve``
+    serve.add_argument("--config", type=Path, default=argparse.SUPPRESS, help="config.toml (as kefu --config)")
     serve.set_defaults(func=cmd_serve)
 
     agent = subparsers.add_parser("agent", help="manage agent accounts")
@@ -40,28 +44,62 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ls.set_defaults(func=cmd_agent_list)
 
 
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The [server] settings given as flags (they win over the file and the environment)."""
+    flags = {"host": "host", "port": "port", "data_dir": "data_dir", "workers": "workers"}
+    out: dict[str, Any] = {}
+    for attr, key in flags.items():
+        value = getattr(args, attr, None)
+        if value is not None and value != "":
+            out[key] = str(value) if isinstance(value, Path) else value
+    return out
+
+
 def _config(args: argparse.Namespace) -> Any:
+    return _load_config(getattr(args, "config", None), _overrides(args))
+
+
+def _load_config(path: Path | None, overrides: dict[str, Any]) -> Any:
     from .config import load_server_config
 
-    config = load_server_config(getattr(args, "config", None))
-    if getattr(args, "host", None):
-        config["server"]["host"] = args.host
-    if getattr(args, "port", None):
-        config["server"]["port"] = args.port
-    if getattr(args, "data_dir", None):
-        config["server"]["data_dir"] = str(args.data_dir)
+    config = load_server_config(path)
+    config["server"].update(overrides)
     return config
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def worker_app(path: Path | None, overrides: dict[str, Any]) -> Any:
+    """The app of one worker process: with ``--workers N`` Sanic starts N processes, and each
+    builds its own app here from the same file, environment and flags (nothing is opened until
+    the worker's ``before_server_start``)."""
     from .app import create_app
 
-    config = _config(args)
-    s = config["server"]
     logging.getLogger("kefu").setLevel(logging.INFO)
-    app = create_app(config)
-    print(f"kefu: serving on http://{s['host']}:{s['port']} (data in {s['data_dir']})", file=sys.stderr, flush=True)
-    app.run(host=str(s["host"]), port=int(s["port"]), single_process=True, access_log=False, motd=False)
+    return create_app(_load_config(path, overrides))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    from .config import Settings
+
+    path, overrides = getattr(args, "config", None), _overrides(args)
+    config = _load_config(path, overrides)
+    s = Settings.from_config(config)          # a bad setting (workers > 1 without Redis...) fails here
+    where = f"http://{s.host}:{s.port}"
+    if s.workers == 1:
+        app = worker_app(path, overrides)
+        print(f"kefu: serving on {where} (data in {s.data_dir})", file=sys.stderr, flush=True)
+        app.run(host=s.host, port=s.port, single_process=True, access_log=False, motd=False)
+        return 0
+    from sanic import Sanic
+    from sanic.worker.loader import AppLoader
+
+    loader = AppLoader(factory=partial(worker_app, path, overrides))
+    app = loader.load()
+    app.prepare(host=s.host, port=s.port, workers=s.workers, access_log=False, motd=False)
+    print(f"kefu: serving on {where} with {s.workers} workers sharing Redis (data in {s.data_dir})",
+          file=sys.stderr, flush=True)
+    Sanic.serve(primary=app, app_loader=loader)
     return 0
 
 

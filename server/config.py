@@ -57,6 +57,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "redis_prefix": "kefu:",            # every Redis key starts with this (several deployments on one Redis)
     "node_id": "",                      # this machine's name among the nodes; "": hostname:port
     "presence_ttl_s": 10.0,             # a worker that stops refreshing its presence this long counts as dead
+    "metrics_push_s": 5.0,              # with Redis: how often each worker stores its /metrics snapshot there
 }
 
 
@@ -118,6 +119,7 @@ class Settings:
     redis_prefix: str
     node_id: str
     presence_ttl_s: float
+    metrics_push_s: float
 
     @classmethod
     def from_config(cls, config: Config) -> "Settings":
@@ -139,8 +141,8 @@ class Settings:
         if self.workers > 1 and not self.redis_url:
             raise ConfigError(f"server.workers = {self.workers} needs server.redis_url (KEFU_SERVER_REDIS_URL): "
                               "the workers share routing, fan-out and limits through Redis")
-        if self.presence_ttl_s <= 0 or self.tick_s <= 0:
-            raise ConfigError("server.presence_ttl_s and server.tick_s must be positive")
+        if self.presence_ttl_s <= 0 or self.tick_s <= 0 or self.metrics_push_s <= 0:
+            raise ConfigError("server.presence_ttl_s, server.tick_s and server.metrics_push_s must be positive")
 
     @property
     def shared(self) -> bool:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import bisect
 from collections import defaultdict
-from typing import Callable
+from typing import Any, Callable, Iterable
+
+#: one metric family: type, help and its samples ([name, labels, value])
+Family = dict[str, Any]
 
 # Seconds; ack latency = from a client frame's arrival to its ack being queued.
 ACK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -48,31 +51,48 @@ class Metrics:
         self.gauges[name] = fn
         self.help[name] = help_text
 
-    def render(self) -> str:
-        out: list[str] = []
+    def families(self, **extra: str) -> dict[str, Family]:
+        """Every metric as ``{name: {"type", "help", "samples": [[sample name, labels, value]]}}``
+        (``extra`` labels added to each sample: the worker, when several share one /metrics)."""
+        fams: dict[str, Family] = {}
         for name in sorted(self.counters):
-            out.append(f"# HELP {name} {self.help.get(name, name)}")
-            out.append(f"# TYPE {name} counter")
-            for labels, value in sorted(self.counters[name].items()):
-                out.append(f"{name}{_labels(labels)} {_num(value)}")
+            fams[name] = {"type": "counter", "help": self.help.get(name, name),
+                          "samples": [[name, {**dict(labels), **extra}, value]
+                                      for labels, value in sorted(self.counters[name].items())]}
         for name in sorted(self.gauges):
             try:
                 value = float(self.gauges[name]())
             except Exception:
                 continue
-            out.append(f"# HELP {name} {self.help[name]}")
-            out.append(f"# TYPE {name} gauge")
-            out.append(f"{name} {_num(value)}")
-        h = self.ack_latency
-        out.append("# HELP kefu_ack_latency_seconds From a client message's arrival to its ack (stored).")
-        out.append("# TYPE kefu_ack_latency_seconds histogram")
-        running = 0
+            fams[name] = {"type": "gauge", "help": self.help[name], "samples": [[name, dict(extra), value]]}
+        h, running, samples = self.ack_latency, 0, []
         for bound, count in zip(h.buckets, h.counts):
             running += count
-            out.append(f'kefu_ack_latency_seconds_bucket{{le="{bound}"}} {running}')
-        out.append(f'kefu_ack_latency_seconds_bucket{{le="+Inf"}} {h.count}')
-        out.append(f"kefu_ack_latency_seconds_sum {h.sum:.6f}")
-        out.append(f"kefu_ack_latency_seconds_count {h.count}")
+            samples.append(["kefu_ack_latency_seconds_bucket", {**extra, "le": str(bound)}, running])
+        samples += [["kefu_ack_latency_seconds_bucket", {**extra, "le": "+Inf"}, h.count],
+                    ["kefu_ack_latency_seconds_sum", dict(extra), round(h.sum, 6)],
+                    ["kefu_ack_latency_seconds_count", dict(extra), h.count]]
+        fams["kefu_ack_latency_seconds"] = {"type": "histogram", "samples": samples,
+                                            "help": "From a client message's arrival to its ack (stored)."}
+        return fams
+
+    def render(self, *, worker: str | None = None, others: Iterable[dict[str, Family]] = ()) -> str:
+        """The text exposition format (0.0.4).  With ``worker``, every sample is labelled with
+        it and ``others`` (the other workers' :meth:`families`) are merged in, each family's
+        samples together as the format requires."""
+        merged = self.families(**({"worker": worker} if worker else {}))
+        for fams in others:
+            for name, fam in fams.items():
+                into = merged.setdefault(name, {"type": fam["type"], "help": fam["help"], "samples": []})
+                if into["type"] == fam["type"]:
+                    into["samples"].extend(fam["samples"])
+        out: list[str] = []
+        for name in sorted(merged):
+            fam = merged[name]
+            out.append(f"# HELP {name} {fam['help']}")
+            out.append(f"# TYPE {name} {fam['type']}")
+            for sample, labels, value in fam["samples"]:
+                out.append(f"{sample}{_labels(tuple(labels.items()))} {_num(float(value))}")
         return "\n".join(out) + "\n"
 
 

@@ -32,9 +32,13 @@ class RedisUnreachable(ConfigError):
 def client(url: str, *, command_timeout: float | None = COMMAND_TIMEOUT_S) -> aioredis.Redis:
     """A connection pool to ``url`` (``redis://host:6379/0``, ``rediss://`` for TLS,
     ``unix:///path``).  Nothing is connected until the first command."""
+    # RESP2 on purpose: redis-py 8 speaks RESP3 by default, where pub/sub replies are push
+    # frames that ``read_response`` hands to a push handler instead of returning them, so the
+    # broker's own subscription loop (server.redis_broker) would never see a message.  RESP2
+    # also works with every Redis kefu supports and every redis-py from 5 on.
     return aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
                                    socket_timeout=command_timeout, health_check_interval=0,
-                                   decode_responses=False)
+                                   decode_responses=False, protocol=2)
 
 
 async def open_checked(url: str) -> aioredis.Redis:
