@@ -31,7 +31,7 @@ from .limits import (ConnectionCap, LocalConnectionCap, LocalWindowCounter, Redi
                      RedisWindowCounter, WindowCounter)
 from .metrics import Metrics
 from .redis_client import WorkerIdentity, open_checked
-from .routing import InMemoryRoutingState, Router, RoutingState, business_hours
+from .routing import InMemoryRoutingState, Router, RoutingError, RoutingState, business_hours
 from .sessions import Sessions
 from .visitor_desk import VisitorDesk
 
@@ -183,10 +183,21 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
                                           bots=bots, metrics=ctx.metrics, new_conversations=ctx.new_conversations)
 
     queue_length = [0]
+    routing_down = [False]
 
     async def tick() -> None:
-        await router.tick()
-        queue_length[0] = await ctx.state.queue_size()   # (the gauge below reads it: gauges are synchronous)
+        try:
+            await router.tick()
+            queue_length[0] = await ctx.state.queue_size()   # (the gauge below reads it: gauges are synchronous)
+        except RoutingError as exc:
+            # Redis away: said once per outage, not a traceback every second
+            if not routing_down[0]:
+                log.warning("routing paused: %s (retrying every second)", exc.message)
+            routing_down[0] = True
+            return
+        if routing_down[0]:
+            log.warning("routing resumed")
+        routing_down[0] = False
 
     sessions = ctx.sessions = Sessions(s, hub=hub, registry=registry, metrics=ctx.metrics, caps=ctx.caps,
                                        window_counters=[ctx.new_conversations, ctx.login_failures, ctx.reply_limit],

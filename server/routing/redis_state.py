@@ -494,10 +494,10 @@ class RedisRoutingState(RoutingState):
             await asyncio.sleep(self.presence_ttl_s / 3)
             try:
                 await self.refresh_presence()
-            except RoutingError:
+            except RoutingError as exc:
                 # keep going: a Redis back within the TTL never noticed this worker was gone
-                log.warning("routing: refreshing presence of worker %s failed", self.worker_id,
-                            exc_info=True)
+                log.warning("routing: refreshing presence of worker %s failed (%s)", self.worker_id,
+                            exc.__cause__ or exc)
 
     async def close(self) -> None:
         if self._refresher is not None:

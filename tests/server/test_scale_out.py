@@ -305,3 +305,203 @@ async def test_two_workers_on_one_machine_serve_a_conversation_across_workers(cl
 
     await whole_conversation(OnWorker(there), node, OnWorker(there), agent, "walt")   # type: ignore[arg-type]
     await whole_conversation(OnWorker(there), node, OnWorker(here), agent, "walt")    # type: ignore[arg-type]
+
+
+def is_outcome(f: dict[str, Any]) -> bool:
+    return is_event("assigned")(f) or is_event("queued")(f) or is_event("unavailable")(f)
+
+
+async def test_sixty_handoffs_at_once_over_two_nodes_never_overfill_an_agent_nor_assign_twice(cluster, database):
+    """Rule: with 3 agents of capacity 5 on two nodes, 60 simultaneous handoffs (half on each
+    node) assign exactly 15 conversations, at most 5 per agent and none twice; the other 45
+    queue in order (positions 1..45) and are offered head first as agents free up."""
+    a = await cluster("node-a", database)
+    b = await cluster("node-b", database)
+    for name in ("ann", "ben", "cat"):
+        await add_agent(database, name, capacity=5)
+    agents = {"Ann": (await a.agent("ann"))[0], "Ben": (await b.agent("ben"))[0], "Cat": (await a.agent("cat"))[0]}
+    visitors: dict[str, Client] = {}
+    for i in range(60):
+        v, vw = await (a if i % 2 == 0 else b).visitor()
+        visitors[vw["conversation"]["id"]] = v
+    await asyncio.gather(*(v.send({"type": "handoff"}) for v in visitors.values()))
+    outcomes = dict(zip(visitors, await asyncio.gather(*(v.expect(is_outcome, timeout=30)
+                                                         for v in visitors.values()))))
+    assigned = {cid: ev["meta"]["agent"]["name"] for cid, ev in outcomes.items() if ev["meta"]["event"] == "assigned"}
+    queued = {cid: ev["meta"]["position"] for cid, ev in outcomes.items() if ev["meta"]["event"] == "queued"}
+    assert len(assigned) == 15 and len(queued) == 45, {e["meta"]["event"] for e in outcomes.values()}
+    assert sorted(assigned.values()) == ["Ann"] * 5 + ["Ben"] * 5 + ["Cat"] * 5
+    assert sorted(queued.values()) == list(range(1, 46))
+    # each agent's own sockets were told of exactly its five, on whichever node they are
+    for name, client in agents.items():
+        got = [await client.expect("assigned", timeout=10) for _ in range(5)]
+        assert sorted(g["conversation"]["id"] for g in got) == sorted(c for c, n in assigned.items() if n == name)
+    token = await a.login("ann")
+    status, listing = await b.http("GET", "/api/v1/agents", token=token)
+    assert status == 200
+    assert listing["queue"] == sorted(queued, key=queued.get)                 # arrival order
+    assert {x["username"]: x["load"] for x in listing["agents"]} == {"ann": 5, "ben": 5, "cat": 5}
+
+    # agents free up, on both nodes: each time the head of the queue is offered to that agent
+    order = sorted(queued, key=queued.get)
+    for step, name in enumerate(["Ben", "Ann", "Ben", "Cat", "Ann", "Ben"]):
+        mine = next(c for c, n in assigned.items() if n == name)
+        del assigned[mine]
+        await agents[name].send({"type": "close", "conversation": mine})
+        head = order[step]
+        ev = await visitors[head].expect(is_event("assigned"), timeout=10)
+        assert ev["meta"]["agent"]["name"] == name
+        offered = await agents[name].expect(lambda f: f.get("type") == "assigned", timeout=10)
+        assert offered["conversation"]["id"] == head
+        assigned[head] = name
+    status, listing = await a.http("GET", "/api/v1/agents", token=token)
+    assert listing["queue"] == order[6:]
+    assert max(x["load"] for x in listing["agents"]) == 5
+    for v in visitors.values():
+        await v.close()
+
+
+@pytest.fixture
+async def private_redis(tmp_path):
+    redis = PrivateRedis(tmp_path)
+    await redis.start()
+    yield redis
+    redis.kill()
+
+
+def metric_sum(text: str, name: str) -> float:
+    """A metric summed over its samples (every worker, every label)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
+async def test_redis_restarted_mid_traffic_loses_no_acked_message_and_delivery_resumes(private_redis, cluster,
+                                                                                      database):
+    """Rule: Redis killed and restarted (empty) while a visitor on one node and an agent on
+    the other keep talking: every acked message reaches the other side exactly once and in
+    seq order, each node's subscription is back by itself within 5 s, the outage is counted
+    (/healthz, /metrics), and routing works again afterwards."""
+    redis = private_redis
+    if True:       # (the nodes stop before the private Redis: fixtures tear down in reverse)
+        a = await cluster("node-a", database, redis.url)
+        b = await cluster("node-b", database, redis.url)
+        await add_agent(database, "rita", capacity=5)
+        agent, _ = await b.agent("rita")
+        visitor, vw = await a.visitor()
+        cid = vw["conversation"]["id"]
+        await visitor.message("talk to a human")
+        await agent.expect(lambda f: f.get("type") == "assigned" and f["conversation"]["id"] == cid)
+
+        acked = {"visitor": {}, "agent": {}}          # seq -> text, as acked to the sender
+        seen = {"visitor": [], "agent": []}           # (seq, text) received by the other side
+        done = asyncio.Event()
+
+        async def read(client: Client, role: str, into: list) -> None:
+            while not done.is_set():
+                try:
+                    f = await client.recv(0.5)
+                except asyncio.TimeoutError:
+                    continue
+                if (f.get("type") == "message" and f.get("role") == role and f.get("kind") == "text"
+                        and f["text"].startswith(role + " ")):     # (not the transcript before)
+                    into.append((f["seq"], f["text"]))
+
+        readers = [asyncio.create_task(read(agent, "visitor", seen["visitor"])),
+                   asyncio.create_task(read(visitor, "agent", seen["agent"]))]
+
+        async def send(role: str, i: int) -> None:
+            client = visitor if role == "visitor" else agent
+            cid_arg = None if role == "visitor" else cid
+            text = f"{role} {i}"
+            frame_id = uuid.uuid4().hex
+            frame = {"type": "message", "id": frame_id, "text": text, **({"conversation": cid_arg} if cid_arg else {})}
+            await client.send(frame)
+            # the reader task takes every frame: wait for the ack in its list of frames
+            for _ in range(400):
+                ack = next((f for f in client.frames if f.get("id") == frame_id), None)
+                if ack is not None:
+                    assert ack["type"] == "ack", ack
+                    acked[role][ack["seq"]] = text
+                    return
+                await asyncio.sleep(0.01)
+            raise AssertionError(f"no ack for {text}")
+
+        down_at = None
+        for i in range(120):
+            await send("visitor" if i % 2 == 0 else "agent", i)
+            if i == 40:
+                redis.kill()
+                down_at = asyncio.get_running_loop().time()
+            if 40 <= i < 80:
+                await asyncio.sleep(0.02)         # about a second of traffic with Redis away
+            if i == 80:
+                await redis.start()
+                back_at = asyncio.get_running_loop().time()
+        assert down_at is not None
+        # both subscriptions back by themselves, within 5 s of Redis answering again
+        for node in (a, b):
+            for _ in range(500):
+                health = await node.health()
+                if health["broker"]["connected"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert health["broker"]["connected"] and health["status"] == "ok"
+            assert health["broker"]["outages"] >= 1
+        assert asyncio.get_running_loop().time() - back_at <= 5.0
+        # every acked message arrives on the other side, once, in order (repaired by seq)
+        for _ in range(1000):
+            if len(seen["visitor"]) >= len(acked["visitor"]) and len(seen["agent"]) >= len(acked["agent"]):
+                break
+            await asyncio.sleep(0.01)
+        done.set()
+        await asyncio.gather(*readers)
+        for role in ("visitor", "agent"):
+            assert seen[role] == sorted(acked[role].items()), role
+        assert len(acked["visitor"]) == 60 and len(acked["agent"]) == 60
+        texts = [await node.metrics() for node in (a, b)]
+        assert all(metric_sum(t, "kefu_broker_outages_total") >= 1 for t in texts)
+        assert sum(metric_sum(t, "kefu_feed_repairs_total") for t in texts) >= 1     # caught up by seq
+
+        # routing works again on the emptied Redis: a new handoff reaches rita on the other node
+        v2, vw2 = await a.visitor()
+        await v2.message("talk to a human")
+        ev = await v2.expect(is_event("assigned"), timeout=10)
+        assert ev["meta"]["agent"]["name"] == "Rita"
+        await agent.expect(lambda f: f.get("type") == "assigned" and f["conversation"]["id"] == vw2["conversation"]["id"])
+
+
+async def test_a_node_killed_hands_its_agents_conversations_to_the_other_node_and_its_visitors_resume_there(
+        cluster, database):
+    """Rule: a node killed with SIGKILL stops refreshing its presence; after the presence TTL
+    and the grace period its agents' conversations go back to the queue and are offered to an
+    agent on the other node, and its visitors resume on the other node with no gap."""
+    a = await cluster("node-a", database, presence_ttl_s=1.5, grace_s=1.0)
+    b = await cluster("node-b", database, presence_ttl_s=1.5, grace_s=1.0)
+    await add_agent(database, "kim", capacity=3)
+    await add_agent(database, "lee", capacity=3)
+    kim, _ = await a.agent("kim")
+    v1, vw1 = await a.visitor()          # a visitor on the node that dies
+    v2, vw2 = await b.visitor()          # and one on the node that lives, both with kim
+    cids = {vw1["conversation"]["id"], vw2["conversation"]["id"]}
+    for v in (v1, v2):
+        await v.message("talk to a human")
+        assert (await v.expect(is_event("assigned")))["meta"]["agent"]["name"] == "Kim"
+    await kim.message("hello from kim", conversation=vw1["conversation"]["id"])
+    last = (await v1.expect(is_message("agent", "hello from kim")))["seq"]
+    lee, _ = await b.agent("lee")
+
+    a.kill()
+    offered = {(await lee.expect("assigned", timeout=20))["conversation"]["id"] for _ in range(2)}
+    assert offered == cids
+    ev = await v2.expect(is_event("assigned"), timeout=10)        # live, on the node that lives
+    assert ev["meta"]["agent"]["name"] == "Lee"
+
+    again, welcome = await b.visitor(token=vw1["token"], conversation=vw1["conversation"]["id"], last_seq=last)
+    assert welcome["node"].startswith("node-b/") and welcome["conversation"]["agent"] is not None
+    missed = []
+    while not missed or not is_event("assigned")(missed[-1]):
+        missed.append(await again.expect("message", timeout=10))
+    assert [m["seq"] for m in missed] == list(range(last + 1, last + 1 + len(missed)))   # no gap
+    assert missed[-1]["meta"]["agent"]["name"] == "Lee"
+    await lee.message("Lee here", conversation=vw1["conversation"]["id"])
+    assert (await again.expect(is_message("agent", "Lee here")))["seq"] == missed[-1]["seq"] + 1
