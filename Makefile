@@ -30,8 +30,12 @@ serve: install
 
 run: model serve
 
+# The second run starts every in-process server test again on the Redis seams (broker,
+# routing state, session memory, limits: what several workers and nodes share).
+REDIS_TEST_URL ?= redis://127.0.0.1:6379/0
 test: install
 	$(BIN)/pytest -q
+	KEFU_TEST_SHARED=$(REDIS_TEST_URL) $(BIN)/pytest -q tests/server
 
 # The full-data intent benchmark (about 30 minutes on 2 cores; --protocol all adds the
 # held-out and few-shot protocols, about an hour more) and the server and storage load tests.

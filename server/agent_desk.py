@@ -79,6 +79,7 @@ class AgentDesk:
         self.profiles: dict[str, tuple[int, str, str]] = {}    # agent -> (capacity, team, status)
         self.tasks: set[asyncio.Task] = set()
         self._serial = _PerAgent(self.tasks)
+        self._joining: set[tuple[int, str]] = set()     # (socket, conversation) being subscribed
         self.handlers = {"hello": self.hello, "message": self.message, "presence": self.presence,
                          "capacity": self.capacity, "accept": self.accept, "transfer": self.transfer,
                          "close": self.close}
@@ -90,7 +91,8 @@ class AgentDesk:
     def conversation_of(self, conn: Connection, frame: dict[str, Any]) -> ConvState:
         cid = P.get_str(frame, "conversation", max_len=64)
         c = self.hub.convs.get(cid or "")
-        if c is None or cid not in conn.conversations or c.agent_id != conn.agent_id:
+        if (c is None or c.agent_id != conn.agent_id
+                or (cid not in conn.conversations and (id(conn), cid) not in self._joining)):
             raise NotFound("no such conversation")
         return c
 
@@ -294,7 +296,13 @@ class AgentDesk:
             for conn in self.registry.agent_conns(agent_id):
                 conn.send({"type": "assigned", "conversation": conv, "previous_agent": command.get("previous_agent")})
                 conn.seen.pop(c.id, None)
-                await self.hub.subscribe(conn, c, 0)   # the whole transcript, bot turns included
+                # An agent may answer as soon as "assigned" arrives, before the transcript's
+                # replay has put the socket in the conversation: it owns it already.
+                self._joining.add((id(conn), c.id))
+                try:
+                    await self.hub.subscribe(conn, c, 0)   # the whole transcript, bot turns included
+                finally:
+                    self._joining.discard((id(conn), c.id))
             self.hub.forget_if_idle(c.id)
             return
         frame = {"type": "unassigned", "conversation": conv, "reason": command.get("reason")}

@@ -85,6 +85,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path, overrides = getattr(args, "config", None), _overrides(args)
     config = _load_config(path, overrides)
     s = Settings.from_config(config)          # a bad setting (workers > 1 without Redis...) fails here
+    if s.shared:
+        # here, once, so that a Redis that does not answer is one clear error and exit status,
+        # not a traceback in each worker and a process manager killing the rest
+        from .redis_client import open_checked
+
+        async def check() -> None:
+            await (await open_checked(s.redis_url)).aclose()
+        asyncio.run(check())
     where = f"http://{s.host}:{s.port}"
     if s.workers == 1:
         app = worker_app(path, overrides)

@@ -19,6 +19,7 @@ from collections import defaultdict
 from typing import Any, Awaitable, Callable, Iterable
 
 from . import protocol
+from .tasks import stop_tasks
 
 log = logging.getLogger("kefu.server")
 
@@ -272,11 +273,7 @@ class TimingWheel:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_tasks([self._task])    # (its tick may be in a Redis call)
             self._task = None
 
     async def _run(self) -> None:

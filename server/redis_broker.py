@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 
 from .broker import Broker
 from .metrics import Metrics
+from .tasks import stop_tasks
 
 log = logging.getLogger("kefu.broker")
 
@@ -52,6 +53,7 @@ class RedisBroker(Broker):
         self._connected = asyncio.Event()
         self._out: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._out_ready = asyncio.Event()
+        self._sending = 0     # PUBLISHes popped from _out and not yet answered
         self._commands: collections.deque[tuple[str, list[bytes]]] = collections.deque()
         self._commands_ready = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -76,11 +78,9 @@ class RedisBroker(Broker):
             self._out_ready.set()
             loop = asyncio.get_running_loop()
             deadline = loop.time() + 1.0
-            while self._out and loop.time() < deadline and self._connected.is_set():
+            while (self._out or self._sending) and loop.time() < deadline and self._connected.is_set():
                 await asyncio.sleep(0.01)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await stop_tasks(self._tasks)      # (a PING to a quiet subscription may swallow one cancel)
         await self._drop_connection()
 
     def status(self) -> dict[str, Any]:
@@ -192,9 +192,10 @@ class RedisBroker(Broker):
                 chunk = [self._channel(t) for t in wanted[i:i + _CHUNK]]
                 await conn.send_command("SUBSCRIBE", *chunk, check_health=False)
                 pending += len(chunk)
+            subscribed = set(wanted)
             recovering = self._down_since is not None
             if not pending:
-                self._up(conn, recovering)
+                self._up(conn, recovering, subscribed)
             awaiting_pong = False
             while True:
                 resp = await conn.read_response(timeout=self.ping_s)
@@ -215,7 +216,7 @@ class RedisBroker(Broker):
                     if pending:
                         pending -= 1
                         if not pending:
-                            self._up(conn, recovering)
+                            self._up(conn, recovering, subscribed)
         finally:
             if self._conn is conn:
                 self._conn = None
@@ -224,20 +225,35 @@ class RedisBroker(Broker):
             except Exception:
                 pass
 
-    def _up(self, conn: Any, recovering: bool) -> None:
+    def _up(self, conn: Any, recovering: bool, subscribed: set[str]) -> None:
         self._conn = conn
         self._connected.set()
+        # Topics (un)subscribed while the re-subscribe was on its way: their subscribe() returned
+        # at once, counting on it.  Sent now, ahead of any later command; on_recovered waits for
+        # them to be in effect.
+        late = [self._channel(t) for t in sorted(self._wanted - subscribed)]
+        gone = [self._channel(t) for t in sorted(subscribed - self._wanted)]
+        confirms: list[asyncio.Future] = []
+        for channel in late:
+            confirms.append(asyncio.get_running_loop().create_future())
+            self._confirm.setdefault(channel, []).append(confirms[-1])
+        for i in range(0, len(late), _CHUNK):
+            self._command("SUBSCRIBE", late[i:i + _CHUNK])
+        if gone:
+            self._command("UNSUBSCRIBE", gone)
         if recovering:
             down = time.monotonic() - (self._down_since or time.monotonic())
             self._down_since = None
             log.warning("broker: Redis subscription back after %.1f s (%d topics); repairing by seq",
                         down, len(self._wanted))
             if self.on_recovered is not None:
-                asyncio.create_task(self._recovered(), name="kefu-broker-recovered")
+                asyncio.create_task(self._recovered(confirms), name="kefu-broker-recovered")
         self._out_ready.set()
 
-    async def _recovered(self) -> None:
+    async def _recovered(self, confirms: list[asyncio.Future]) -> None:
         try:
+            if confirms:
+                await asyncio.wait(confirms, timeout=self.subscribe_timeout_s)
             await self.on_recovered()   # type: ignore[misc]
         except Exception:
             log.exception("broker: recovery after the outage failed")
@@ -271,6 +287,7 @@ class RedisBroker(Broker):
                     self._metrics.inc("kefu_broker_dropped_total", dropped)
                     break
                 batch = [self._out.popleft() for _ in range(min(_BATCH, len(self._out)))]
+                self._sending = len(batch)
                 try:
                     pipe = self._redis.pipeline(transaction=False)
                     for channel, data in batch:
@@ -282,3 +299,5 @@ class RedisBroker(Broker):
                     self.last_error = f"{type(exc).__name__}: {exc}"
                     log.debug("broker: publish failed: %s", exc)
                     await asyncio.sleep(self.retry_s / 5)
+                finally:
+                    self._sending = 0

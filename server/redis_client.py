@@ -21,6 +21,8 @@ from engine import ConfigError
 #: Seconds to connect and to wait for one command's answer.
 CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
+#: Connections one worker keeps to Redis at most (plus the broker's subscription).
+MAX_CONNECTIONS = 64
 
 
 class RedisUnreachable(ConfigError):
@@ -32,13 +34,18 @@ class RedisUnreachable(ConfigError):
 def client(url: str, *, command_timeout: float | None = COMMAND_TIMEOUT_S) -> aioredis.Redis:
     """A connection pool to ``url`` (``redis://host:6379/0``, ``rediss://`` for TLS,
     ``unix:///path``).  Nothing is connected until the first command."""
+    # A *blocking* pool of MAX_CONNECTIONS: a burst (hundreds of upgrades at once, each
+    # counting its IP) waits a moment for a connection instead of failing with "Too many
+    # connections", as redis-py's default pool (100, then an error) does.
     # RESP2 on purpose: redis-py 8 speaks RESP3 by default, where pub/sub replies are push
     # frames that ``read_response`` hands to a push handler instead of returning them, so the
     # broker's own subscription loop (server.redis_broker) would never see a message.  RESP2
     # also works with every Redis kefu supports and every redis-py from 5 on.
-    return aioredis.Redis.from_url(url, socket_connect_timeout=CONNECT_TIMEOUT_S,
-                                   socket_timeout=command_timeout, health_check_interval=0,
-                                   decode_responses=False, protocol=2)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=command_timeout or COMMAND_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=command_timeout, health_check_interval=0,
+        decode_responses=False, protocol=2)
+    return aioredis.Redis.from_pool(pool)
 
 
 async def open_checked(url: str) -> aioredis.Redis:

@@ -2,7 +2,7 @@
 
 With several workers (or nodes) a scrape of /metrics reaches one worker, chosen by the kernel
 or the load balancer.  So each worker stores a snapshot of its metrics in Redis every
-``push_s`` (``<prefix>m:<worker id>``, a JSON string that expires after three periods), and
+``push_s`` (``<prefix>stats:<worker id>``, a JSON string that expires after three periods), and
 whichever worker answers the scrape renders its own metrics, live, beside the snapshots of
 the other *live* workers (those in routing's ``<prefix>r:workers`` presence set), every
 sample labelled ``worker="<worker id>"``.  Sum them in Prometheus with
@@ -22,6 +22,7 @@ from typing import Any, Callable
 from redis.exceptions import RedisError
 
 from .metrics import Family, Metrics
+from .tasks import stop_tasks
 
 log = logging.getLogger("kefu.metrics")
 
@@ -30,7 +31,7 @@ class SharedMetrics:
     def __init__(self, redis: Any, metrics: Metrics, *, prefix: str, worker_id: str, push_s: float = 5.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.redis, self.metrics, self.worker_id = redis, metrics, worker_id
-        self.prefix, self.push_s, self.clock = prefix + "m:", push_s, clock
+        self.prefix, self.push_s, self.clock = prefix + "stats:", push_s, clock
         self._workers = prefix + "r:workers"
         self._task: asyncio.Task | None = None
 
@@ -40,8 +41,7 @@ class SharedMetrics:
 
     async def close(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await stop_tasks([self._task])
         try:
             await self.redis.delete(self.prefix + self.worker_id)
         except (RedisError, OSError):

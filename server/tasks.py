@@ -9,7 +9,7 @@ caller alone sees ``CancelledError`` and the operation finishes.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Iterable
 
 OrphanFailure = Callable[[BaseException], None]
 
@@ -39,3 +39,16 @@ async def wait_all(running: set[asyncio.Task]) -> None:
     """Wait until ``running`` is empty, including tasks added while waiting."""
     while running:
         await asyncio.gather(*running, return_exceptions=True)
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task], *, retry_s: float = 0.1) -> None:
+    """Cancel ``tasks`` and wait until every one has ended, cancelling again as often as it
+    takes.  Background loops need this: redis-py awaits a command under ``asyncio.wait_for``,
+    which on Python < 3.12 swallows a cancellation that arrives as the command completes, and
+    a loop that lost its one cancellation would run on and hang the shutdown waiting for it."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=retry_s)
+    await asyncio.gather(*tasks, return_exceptions=True)

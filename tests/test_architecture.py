@@ -62,3 +62,40 @@ def test_starting_the_engine_and_server_imports_no_torch_or_transformers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
+
+
+def _calls(path: Path, attr: str) -> list[int]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    return [node.lineno for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr]
+
+
+def _server_modules() -> list[Path]:
+    return sorted(p for p in (ROOT / "server").rglob("*.py") if "storage" not in p.relative_to(ROOT).parts[1:2])
+
+
+def test_only_the_hub_publishes_and_fans_out():
+    """docs/architecture.md: every frame for a conversation, an agent or a team goes through
+    server/conversations.py, so the broker seam (in process or Redis) is in one place."""
+    allowed = {"server/conversations.py": {"publish", "to_conversation"},
+               "server/redis_broker.py": {"publish"}}          # its pipeline's PUBLISH, the seam itself
+    bad = []
+    for path in _server_modules():
+        rel = str(path.relative_to(ROOT))
+        for attr in ("publish", "to_conversation"):
+            if attr not in allowed.get(rel, set()):
+                bad += [f"{rel}:{line} calls .{attr}()" for line in _calls(path, attr)]
+    assert bad == []
+
+
+def test_sessions_never_touch_storage():
+    """A socket's loop (server/sessions.py) dispatches frames; what is stored goes through the
+    desks and the hub."""
+    path = ROOT / "server" / "sessions.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    touches = [node.lineno for node in ast.walk(tree)
+               if (isinstance(node, ast.Attribute) and node.attr == "storage")
+               or (isinstance(node, ast.Name) and node.id == "storage")]
+    imports = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+               and node.module and node.module.startswith("storage") and node.module != "storage.base"]
+    assert touches == [] and imports == []

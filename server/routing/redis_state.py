@@ -74,6 +74,7 @@ from typing import Any, Callable, Iterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..tasks import stop_tasks
 from .events import RoutingError
 from .state import DEFAULT_TEAM, ONLINE, AgentInfo, RoutingState
 
@@ -501,13 +502,12 @@ class RedisRoutingState(RoutingState):
 
     async def close(self) -> None:
         if self._refresher is not None:
-            self._refresher.cancel()
-            await asyncio.wait([self._refresher])
+            await stop_tasks([self._refresher])
             self._refresher = None
         try:
             with _unavailable():
                 await self.redis.zrem(self._workers_key, self.worker_id)
-        except RoutingError:     # its presence expires by itself after the TTL
+        except RoutingError as exc:     # its presence expires by itself after the TTL
             log.warning("routing: withdrawing presence of worker %s failed", self.worker_id,
                         exc_info=True)
 

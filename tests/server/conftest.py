@@ -9,6 +9,7 @@ import asyncio
 import gc
 import itertools
 import json
+import os
 import socket
 import uuid
 from typing import Any
@@ -29,8 +30,15 @@ ORIGIN = "http://127.0.0.1"
 TIMEOUT = 5.0
 
 
+#: ``KEFU_TEST_SHARED=redis://...``: run every in-process server test on the Redis seams
+#: (broker, routing state, session memory, limits) instead of the in-process ones.
+SHARED_REDIS = os.environ.get("KEFU_TEST_SHARED", "")
+
+
 def server_config(data_dir, **server: Any):
     config = load_server_config(env={})
+    if SHARED_REDIS:
+        config["server"].update({"redis_url": SHARED_REDIS, "redis_prefix": f"kefutest:{uuid.uuid4().hex[:12]}:"})
     config["engine"].update({"delays": False, "use_models": False, "watch_knowledge": False, "seed": 0,
                              "bots": ["testbot"]})
     config["server"].update({"data_dir": str(data_dir), "secret_key": "test-secret-key-0123456789",
@@ -39,6 +47,46 @@ def server_config(data_dir, **server: Any):
                              "origins": [ORIGIN, "https://shop.example"]})
     config["server"].update(server)
     return config
+
+
+async def drop_prefix(url: str, prefix: str) -> None:
+    """Delete every Redis key a test's servers left under ``prefix`` (routing keys have no TTL)."""
+    from server.redis_client import client
+    redis = client(url)
+    try:
+        keys = [key async for key in redis.scan_iter(match=prefix + "*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await redis.delete(*keys[i:i + 500])
+    finally:
+        await redis.aclose()
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``KEFU_TEST_SHARED``: only the tests that start an in-process server, less those
+    marked ``in_process`` (they check the in-process seams' own structures)."""
+    if not SHARED_REDIS:
+        return
+    keep = [item for item in items if "server_factory" in getattr(item, "fixturenames", ())
+            and item.get_closest_marker("in_process") is None]
+    dropped = [item for item in items if item not in keep]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a /metrics page, the ``worker`` label left out of the
+    comparison (with Redis every sample carries the answering worker's id); None if absent."""
+    import re
+    for line in text.splitlines():
+        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)', line)
+        if not m or m[1] != name:
+            continue
+        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+        got.pop("worker", None)
+        if got == labels:
+            return float(m[3])
+    return None
 
 
 class Client:
@@ -191,6 +239,13 @@ def free_socket() -> socket.socket:
 
 @pytest.fixture
 async def server_factory(tmp_path):
+    if SHARED_REDIS:
+        from server.redis_client import RedisUnreachable, open_checked
+        from .storage_support import unavailable
+        try:
+            await (await open_checked(SHARED_REDIS)).aclose()
+        except RedisUnreachable as exc:
+            unavailable("Redis for KEFU_TEST_SHARED", exc)
     started: list[Any] = []
 
     async def start(plugins=(testbot,), data_dir=None, **settings: Any) -> Server:
@@ -209,6 +264,9 @@ async def server_factory(tmp_path):
     for server in reversed(started):
         await server.stop()
     await _drain_leftover_tasks()
+    for server in started:
+        if server.ctx.settings.shared:
+            await drop_prefix(server.ctx.settings.redis_url, server.ctx.settings.redis_prefix)
 
 
 async def _drain_leftover_tasks() -> None:

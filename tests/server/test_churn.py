@@ -23,6 +23,8 @@ import tracemalloc
 import uuid
 from typing import Any
 
+import pytest
+
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -347,6 +349,7 @@ async def quiesce(server, unregistered) -> dict[str, Any]:
             "reply_limit": len(ctx.reply_limit)}
 
 
+@pytest.mark.in_process
 async def test_churn_with_aborted_handshakes_and_sends_plateaus_tasks_sockets_maps_and_memory(server_factory):
     server = await server_factory()
     unregistered = watch_unregister(server.ctx)
@@ -387,6 +390,7 @@ async def test_churn_with_aborted_handshakes_and_sends_plateaus_tasks_sockets_ma
     assert second["rss"] / first["rss"] < 1.10, (first["rss"], second["rss"])
 
 
+@pytest.mark.in_process
 async def test_rate_limit_maps_evict_old_keys(server_factory):
     """Every per-IP window map (new conversations, failed logins, bot replies) is swept by the
     server's own tick: once a key's window is over, it is gone, however many addresses came."""

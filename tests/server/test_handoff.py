@@ -248,3 +248,30 @@ async def test_a_handoff_whose_caller_is_cancelled_still_queues_the_conversation
     ev = await visitor.expect(is_event("unavailable"))     # nobody online: it waits, stored
     assert ev["meta"]["state"] == "queued"
     assert (await server.ctx.storage.get_conversation(cid)).state == "queued"
+
+
+async def test_an_agent_may_answer_as_soon_as_assigned_arrives(server, monkeypatch):
+    """Rule: the agent owns the conversation from the ``assigned`` frame on; a reply sent before
+    the transcript's replay has finished is stored and delivered, not refused as not_found."""
+    await server.add_agent("quick")
+    agent, _ = await server.agent("quick")
+    hub, real = server.ctx.hub, server.ctx.hub.subscribe
+    replaying, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow_subscribe(conn, c, after_seq):
+        if conn.kind == "agent":
+            replaying.set()
+            await go_on.wait()
+        return await real(conn, c, after_seq)
+
+    monkeypatch.setattr(hub, "subscribe", slow_subscribe)
+    visitor, vw = await server.visitor()
+    cid = vw["conversation"]["id"]
+    await visitor.send({"type": "handoff"})
+    await agent.expect(lambda f: f.get("type") == "assigned" and f["conversation"]["id"] == cid)
+    await replaying.wait()
+    ack = await agent.message("right away", conversation=cid)
+    go_on.set()
+    assert ack["type"] == "ack", ack
+    got = await visitor.expect(lambda f: f.get("type") == "message" and f["role"] == "agent")
+    assert got["text"] == "right away" and got["seq"] == ack["seq"]

@@ -15,6 +15,8 @@ from server.app import create_app
 from server.routing import parse_business_hours
 from server.config import load_server_config, secret_key
 
+from .conftest import metric
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,10 +46,11 @@ async def test_healthz_metrics_openapi_bots(server):
     await client.expect(lambda f: f.get("type") == "message" and f["seq"] == 3)
     status, text = await server.http("GET", "/metrics")
     assert status == 200
-    for needle in ('kefu_connections 1', 'kefu_messages_stored_total{role="visitor"} 1',
-                   'kefu_bot_turns_total{outcome="answered"} 1', 'kefu_ack_latency_seconds_count 1',
-                   'kefu_queue_length 0', 'kefu_connections_opened_total{kind="visitor"} 1'):
-        assert needle in text, needle
+    for name, labels, value in (("kefu_connections", {}, 1), ("kefu_messages_stored_total", {"role": "visitor"}, 1),
+                                ("kefu_bot_turns_total", {"outcome": "answered"}, 1),
+                                ("kefu_ack_latency_seconds_count", {}, 1), ("kefu_queue_length", {}, 0),
+                                ("kefu_connections_opened_total", {"kind": "visitor"}, 1)):
+        assert metric(text, name, **labels) == value, (name, labels)
     status, doc = await server.http("GET", "/api/v1/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.") and "/bots/{bot}/reply" in doc["paths"]
     status, data = await server.http("GET", "/api/v1/bots")

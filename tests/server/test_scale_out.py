@@ -22,7 +22,7 @@ import pytest
 from server.auth import hash_password
 from server.storage import open_storage
 
-from .conftest import Client, Server, free_socket, http_request
+from .conftest import Client, Server, drop_prefix, free_socket, http_request
 from .storage_support import MY_HOST, MY_PORT, MY_USER, PG_HOST, PG_PORT, _pg_connect, my_admin, unavailable, \
     unique_name
 
@@ -172,6 +172,7 @@ async def cluster(tmp_path):
                                      str(port), json.dumps(settings)], cwd=ROOT, env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
         node = Node(name, port, proc, log)
+        node.redis_url = redis_url
         nodes.append(node)
         workers = int(settings.get("workers", 1))
         for _ in range(1200):                 # a starting process: no event to wait on
@@ -193,6 +194,8 @@ async def cluster(tmp_path):
     yield start
     for node in nodes:
         node.stop()
+    for url in {node.redis_url for node in nodes if node.redis_url == REDIS_URL}:
+        await drop_prefix(url, prefix)
 
 
 async def add_agent(database_url: str, username: str, capacity: int) -> Any:
@@ -505,3 +508,18 @@ async def test_a_node_killed_hands_its_agents_conversations_to_the_other_node_an
     assert missed[-1]["meta"]["agent"]["name"] == "Lee"
     await lee.message("Lee here", conversation=vw1["conversation"]["id"])
     assert (await again.expect(is_message("agent", "Lee here")))["seq"] == missed[-1]["seq"] + 1
+
+
+@pytest.mark.parametrize("env,says", [
+    ({}, "server.workers = 2 needs server.redis_url (KEFU_SERVER_REDIS_URL)"),
+    ({"KEFU_SERVER_REDIS_URL": "redis://127.0.0.1:1/0"}, "server.redis_url: no Redis answers at redis://127.0.0.1:1/0"),
+])
+def test_serve_with_workers_but_no_usable_redis_is_one_clear_error(tmp_path, env, says):
+    """Rule: ``kefu serve --workers 2`` without Redis, or with a Redis that does not answer,
+    stops at once with exit status 2 and an error naming the setting (not a traceback per worker)."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KEFU_")}
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--workers", "2", "--port", str(free_port()),
+                          "--data-dir", str(tmp_path)], cwd=ROOT, env={**clean, "PYTHONPATH": str(ROOT), **env},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert says in out.stderr and "Traceback" not in out.stderr
