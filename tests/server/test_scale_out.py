@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,6 +212,12 @@ async def agent_on(node: Node, username: str) -> tuple[Client, dict[str, Any]]:
     return await node.agent(username)
 
 
+def metric_sum(text: str, name: str) -> float:
+    """A metric summed over its samples (every worker, every label)."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name + "{") or line.startswith(name + " "))
+
+
 # -- the whole conversation, across nodes ----------------------------------------------------
 
 async def whole_conversation(visitor_node: Server, agent_node: Server, other_visitor_node: Server,
@@ -279,6 +286,23 @@ async def test_a_whole_conversation_with_visitor_and_agent_on_different_nodes(cl
     # and the other way round, the visitor coming back on the node it started on
     await whole_conversation(b, b, a, agent, "alice")
     await whole_conversation(a, b, a, agent, "alice")
+
+    # /metrics on either node shows every worker of both, labelled: summed over the workers,
+    # the messages stored are what the database holds
+    storage = await open_storage(database)
+    try:
+        in_db = sum(c.last_seq for c in await storage.list_conversations(limit=100))
+    finally:
+        await storage.close()
+    for node in (a, b):
+        for _ in range(100):        # each worker's snapshot is at most metrics_push_s (0.5 s) old
+            text = await node.metrics()
+            if metric_sum(text, "kefu_messages_stored_total") == in_db:
+                break
+            await asyncio.sleep(0.05)
+        assert metric_sum(text, "kefu_messages_stored_total") == in_db
+        workers = {w for w in re.findall(r'kefu_connections_opened_total\{[^}]*worker="([^"]+)"', text)}
+        assert {w.split("/")[0] for w in workers} == {"node-a", "node-b"}
 
 
 async def test_two_workers_on_one_machine_serve_a_conversation_across_workers(cluster, tmp_path):
@@ -370,12 +394,6 @@ async def private_redis(tmp_path):
     await redis.start()
     yield redis
     redis.kill()
-
-
-def metric_sum(text: str, name: str) -> float:
-    """A metric summed over its samples (every worker, every label)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 async def test_redis_restarted_mid_traffic_loses_no_acked_message_and_delivery_resumes(private_redis, cluster,
