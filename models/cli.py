@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine.errors import ModelError
 
@@ -46,6 +47,11 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--oos-score", choices=("knn_cosine", "max_prob"), default="knn_cosine",
                    help="score the out-of-scope threshold applies to (docs/model.md)")
     t.add_argument("--no-fp32", action="store_true", help="do not keep model.fp32.onnx beside model.onnx")
+    t.add_argument("--min-accuracy", type=float, default=None,
+                   help="validation accuracy the model must reach to be installed, besides beating the "
+                        "knowledge classifier on the same split (default: 0.5)")
+    t.add_argument("--force", action="store_true",
+                   help="install the model even when it does worse than the knowledge classifier")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.add_argument("--json", action="store_true", help="print metrics as JSON")
     t.set_defaults(func=run_train)
@@ -63,12 +69,17 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from .data import load_csv, load_knowledge_examples
+    from .install import DEFAULT_MIN_ACCURACY, ModelRejected, train_and_install
 
+    prepare = None
     try:
         if args.bot:
+            from engine.knowledge import load_knowledge
             from engine.paths import knowledge_dir, models_dir
 
-            data = load_knowledge_examples(knowledge_dir() / f"{args.bot}.yaml")
+            path = knowledge_dir() / f"{args.bot}.yaml"
+            data = load_knowledge_examples(path)
+            prepare = load_knowledge(path).prepare      # the baseline sees texts as the bot does
             out = args.out or models_dir() / args.bot
         else:
             if args.out is None:
@@ -87,10 +98,19 @@ def run_train(args: argparse.Namespace) -> int:
                              val_fraction=args.val_fraction, threads=args.threads, progress=not args.quiet,
                              patience=args.patience, device=args.device, soup=args.soup, refit=args.refit,
                              **tuned)
-        result = train_model(data, out, config, keep_fp32=not args.no_fp32, oos_score=args.oos_score)
+        _warn_unreadable(data, config)
+        result, verdict = train_and_install(
+            data, out, lambda folder: train_model(data, folder, config, keep_fp32=not args.no_fp32,
+                                                  oos_score=args.oos_score, prepare=prepare),
+            min_accuracy=DEFAULT_MIN_ACCURACY if args.min_accuracy is None else args.min_accuracy, force=args.force)
+    except ModelRejected as e:
+        print(f"kefu train: {e}", file=sys.stderr)
+        return 3
     except ModelError as e:
         print(f"kefu train: {e}", file=sys.stderr)
         return 1
+    if not verdict.install:
+        print(f"kefu train: warning: installed because of --force although {verdict.reason}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -98,11 +118,28 @@ def run_train(args: argparse.Namespace) -> int:
         cal = result["calibration"]
         trained = (f"refit on all {result['n_train']} examples for {result['refit']['epochs']} epochs; split run's"
                    if "refit" in result else f"best epoch {result['best_epoch']},")
+        base = (result.get("baseline") or {}).get("accuracy")
+        beside = f" (knowledge classifier {base:.4f})" if base is not None else ""
         print(f"wrote {out}: {trained} validation accuracy "
-              f"{v.get('accuracy', float('nan')):.4f} (n={v.get('n', 0)}), OOS score {cal['oos_score']} "
+              f"{v.get('accuracy', float('nan')):.4f} (n={v.get('n', 0)}){beside}, OOS score {cal['oos_score']} "
               f"threshold {cal['threshold']:.4f}, int8 agreement {result['export']['int8_top1_agreement']:.4f}, "
               f"{result['total_seconds']:.0f} s")
     return 0
+
+
+def _warn_unreadable(data: Any, config: Any) -> None:
+    """Say before training when the base model's tokenizer cannot read the examples (a base
+    without the bot's language turns most of them into [UNK])."""
+    from .install import UNKNOWN_WARN_SHARE, unknown_share
+    from .train import default_base, load_tokenizer
+
+    base = Path(config.base) if config.base else default_base()
+    share = unknown_share(load_tokenizer(base, config.max_length), list(data.texts))
+    if share > UNKNOWN_WARN_SHARE:
+        print(f"kefu train: warning: {share:.0%} of the examples' word pieces are unknown ([UNK]) to the base "
+              f"model {base.name}: it cannot read this language well, and the model will likely do worse than "
+              "the knowledge classifier (then it is not installed); pass --base with a model that reads it "
+              "(docs/model.md)", file=sys.stderr)
 
 
 def run_eval(args: argparse.Namespace) -> int:

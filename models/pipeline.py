@@ -12,7 +12,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -23,6 +23,7 @@ from .calibrate import TEMPERATURE, Calibration, build_bank, calibrate
 from .data import Dataset, stratified_split
 from .evaluate import evaluate, write_report
 from .export import export_model
+from .install import baseline_scores
 from .train import FitResult, TrainConfig, fit
 
 BANK_FILE = "bank.npy"
@@ -45,8 +46,12 @@ def versions() -> dict[str, str]:
 
 def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None = None, *,
                 bank_max_per_label: int = BANK_MAX_PER_LABEL, keep_fp32: bool = True,
-                oos_score: str = "knn_cosine") -> dict[str, Any]:
+                oos_score: str = "knn_cosine", prepare: Callable[[str], str] | None = None) -> dict[str, Any]:
     """Train on ``data`` and write a complete model folder to ``out_dir``; returns metrics.json's content.
+
+    metrics.json's ``baseline`` is the knowledge classifier's accuracy on the same validation
+    split (texts prepared by ``prepare``, as the bot serving them prepares them): the figure
+    :func:`models.install.judge` compares the model with before a bot serves it.
 
     With ``config.refit`` the folder holds a second model, trained on *all* of ``data`` for the
     number of epochs the split run found best, with the split run's kNN mix, OOS score and
@@ -57,17 +62,17 @@ def train_model(data: Dataset, out_dir: str | Path, config: TrainConfig | None =
         raise ModelError(f"{out}: exists and is not a folder")
     if config.refit:
         return _train_refit(data, out, config, bank_max_per_label=bank_max_per_label, keep_fp32=keep_fp32,
-                            oos_score=oos_score)
+                            oos_score=oos_score, prepare=prepare)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train, val = stratified_split(data, config.val_fraction, config.seed)
     fitted = fit(train, val if len(val) else None, config)
     return _write_folder(out, data, train, val, fitted, config, t0, bank_max_per_label=bank_max_per_label,
-                         keep_fp32=keep_fp32, oos_score=oos_score)
+                         keep_fp32=keep_fp32, oos_score=oos_score, prepare=prepare)
 
 
 def _train_refit(data: Dataset, out: Path, config: TrainConfig, *, bank_max_per_label: int,
-                 keep_fp32: bool, oos_score: str) -> dict[str, Any]:
+                 keep_fp32: bool, oos_score: str, prepare: Callable[[str], str] | None) -> dict[str, Any]:
     """The split run chooses; the refit serves.  A validation split is the only honest way to
     choose the epoch count, the kNN mix and the OOS threshold, but it keeps a tenth of the
     examples out of training (about half a point on BANKING77, docs/model.md).  So: the whole
@@ -85,7 +90,7 @@ def _train_refit(data: Dataset, out: Path, config: TrainConfig, *, bank_max_per_
     split_dir = out / "refit-split"
     try:
         split = train_model(data, split_dir, replace(config, refit=False), bank_max_per_label=bank_max_per_label,
-                            keep_fp32=False, oos_score=oos_score)
+                            keep_fp32=False, oos_score=oos_score, prepare=prepare)
         report = out / "report"
         if report.exists():
             shutil.rmtree(report)
@@ -105,7 +110,7 @@ def _train_refit(data: Dataset, out: Path, config: TrainConfig, *, bank_max_per_
                          calibration=cal, keep_report=True, train_config=config,
                          # the split model's validation: the refit has no held-out data
                          extra={"refit": {"epochs": refit_config.epochs, "split": split_summary},
-                                "validation": split.get("validation")})
+                                "validation": split.get("validation"), "baseline": split.get("baseline")})
 
 
 def _check_texts(train: Dataset, val: Dataset, n_train: int = 200) -> list[str]:
@@ -121,7 +126,8 @@ def _check_texts(train: Dataset, val: Dataset, n_train: int = 200) -> list[str]:
 def _write_folder(out: Path, data: Dataset, train: Dataset, val: Dataset, fitted: FitResult, config: TrainConfig,
                   t0: float, *, bank_max_per_label: int, keep_fp32: bool, oos_score: str,
                   calibration: Calibration | None = None, keep_report: bool = False,
-                  train_config: TrainConfig | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  train_config: TrainConfig | None = None, extra: dict[str, Any] | None = None,
+                  prepare: Callable[[str], str] | None = None) -> dict[str, Any]:
     """Export, kNN bank, calibration (on ``val``, unless one is given), labels.json, report and
     metrics.json (with ``extra``'s keys on top)."""
     labels = list(fitted.labels)
@@ -176,6 +182,7 @@ def _write_folder(out: Path, data: Dataset, train: Dataset, val: Dataset, fitted
         finally:
             clf.close()
         result["validation"] = {k: metrics[k] for k in ("n", "accuracy", "macro_f1", "in_scope_accuracy")}
+        result["baseline"] = baseline_scores(train, val, prepare)
         write_report(report, val, labels, metrics, probs, score, extra={"data": "validation split"})
     result.update(extra or {})
     result["total_seconds"] = time.perf_counter() - t0

@@ -148,7 +148,12 @@ def test_train_passes_tuning_flags_and_keeps_defaults_for_the_rest(tmp_path, mon
     from models.train import TrainConfig
 
     seen = []
-    monkeypatch.setattr(pipeline, "train_model", lambda data, out, config, **kw: seen.append(config) or {"json": 1})
+    def fake_train(data, out, config, **kw):
+        out.mkdir(parents=True)        # (installed by renaming the folder it wrote)
+        seen.append(config)
+        return {"json": 1}
+
+    monkeypatch.setattr(pipeline, "train_model", fake_train)
     data = write_csv(tiny_dataset(), tmp_path / "d.csv")
     args = ["train", "--data", str(data), "--out", str(tmp_path / "m"), "--json"]
     assert cli(args + ["--lr", "2e-4", "--layer-decay", "0.9", "--label-smoothing", "0.2", "--soup", "3",

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import pytest
 from redis.exceptions import RedisError
 
+from .storage_support import unavailable
 from server import redis_client
 from server.broker import Broker, InProcessBroker, agent_topic, conversation_topic, team_topic
 from server.metrics import Metrics
@@ -128,7 +129,7 @@ async def _shared_redis_or_skip() -> None:
     try:
         await r.ping()
     except (RedisError, OSError) as exc:
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+        unavailable(f"Redis at {REDIS_URL}", exc)
     finally:
         await r.aclose()
 

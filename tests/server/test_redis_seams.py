@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from engine import Engine, InMemoryStore, MemoryStore, SessionContext
 from engine.memory import HISTORY_TURNS
 from engine.testing import testing_config as engine_config
+from .storage_support import unavailable
 from server import redis_client
 from server.limits import LocalConnectionCap, LocalWindowCounter, RedisConnectionCap, RedisWindowCounter
 from server.redis_memory import RedisMemoryStore
@@ -102,7 +103,7 @@ async def shared():
         await r.ping()
     except (RedisError, OSError) as exc:
         await s.aclose()
-        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+        unavailable(f"Redis at {REDIS_URL}", exc)
     try:
         yield s
     finally:

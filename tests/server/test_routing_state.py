@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 from redis.exceptions import RedisError
 
+from .storage_support import unavailable
 from server import redis_client
 from server.routing import AgentInfo, InMemoryRoutingState, RoutingError, RoutingState
 from server.routing.redis_state import RedisRoutingState
@@ -49,7 +50,7 @@ class RedisStates:
             await client.ping()
         except (RedisError, OSError) as exc:
             await client.aclose()
-            pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+            unavailable(f"Redis at {REDIS_URL}", exc)
         return cls(client)
 
     def new_prefix(self) -> str:

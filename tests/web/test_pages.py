@@ -429,7 +429,7 @@ def test_agents_accept_from_the_queue_transfer_and_close(tmp_path, contexts, wat
         erin.click("#transfer")
         expect(erin.locator(f"#mine-list li[data-id='{c1}']")).to_have_count(0)
         expect(frank.locator(f"#mine-list li[data-id='{c1}']")).to_be_visible()
-        expect(v1.locator(".msg-system").last).to_contain_text("transferred to Frank")
+        expect(v1.locator(".msg-system").last).to_contain_text("Frank is taking over")
         frank.locator(f"#mine-list li[data-id='{c1}']").click()
         expect(frank.locator("#transcript .m-bot .b").first).to_contain_text("Kingfisher")   # whole transcript
 
