@@ -98,13 +98,14 @@ class AgentDesk:
 
     async def hello(self, conn: Connection, frame: dict[str, Any]) -> None:
         try:
-            agent_id, version = self.tokens.open_agent(frame.get("token"))
+            agent_id, version, expires = self.tokens.open_agent_claims(frame.get("token"))
         except Unauthorized as exc:
             return self.sessions.refuse(conn, P.UNAUTHORIZED, exc.message, P.CLOSE_UNAUTHORIZED)
         agent = await self.storage.get_agent(agent_id=agent_id)
         if agent is None or agent.token_version != version:
             return self.sessions.refuse(conn, P.UNAUTHORIZED, "token revoked", P.CLOSE_REVOKED)
         conn.agent_id, conn.token_version, conn.team = agent.id, agent.token_version, agent.team
+        conn.token_expires = expires
         self.names[agent.id] = agent.display_name or agent.username
         self.sessions.authenticated(conn)
         for topic in (agent_topic(agent.id), team_topic(agent.team)):
@@ -323,6 +324,34 @@ class AgentDesk:
                     conn.send(frame)
 
     # -- accounts and recovery ---------------------------------------------------------------
+
+    async def check_tokens(self) -> int:
+        """Close this worker's agent sockets whose token no longer holds: 4002 when the account's
+        token version moved on (a password changed by any path: the console, REST, ``kefu agent
+        password`` in another process, another node) or the account is gone; 4001 when the token
+        expired.  A token is checked at hello, so without this a socket outlived both.  One
+        query for every agent; returns how many sockets were closed."""
+        if not self.registry.by_agent:
+            return 0
+        accounts = {a.id: a for a in await self.storage.list_agents()}
+        now, closed = time.time(), 0
+        for agent_id, conns in list(self.registry.by_agent.items()):
+            account = accounts.get(agent_id)
+            for conn in list(conns):
+                if conn.closed:
+                    continue
+                if account is None or account.token_version != conn.token_version:
+                    conn.send(P.error_frame(P.UNAUTHORIZED, "token revoked"))
+                    conn.close(P.CLOSE_REVOKED, "token revoked")
+                elif conn.token_expires <= now:
+                    conn.send(P.error_frame(P.UNAUTHORIZED, "token expired: log in again"))
+                    conn.close(P.CLOSE_UNAUTHORIZED, "token expired")
+                else:
+                    continue
+                closed += 1
+        if closed:
+            self.metrics.inc("kefu_agent_sockets_revoked_total", closed)
+        return closed
 
     def revoke(self, agent_id: str) -> None:
         """The agent's password changed: every live socket of theirs, on every worker, is

@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .redis_client import WorkerIdentity, open_checked
 from .routing import InMemoryRoutingState, Router, RoutingError, RoutingState, business_hours
 from .sessions import Sessions
+from .storage.base import StorageError
 from .visitor_desk import VisitorDesk
 
 log = logging.getLogger("kefu.server")
@@ -184,8 +185,15 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
 
     queue_length = [0]
     routing_down = [False]
+    tokens_checked = [time.monotonic()]
 
     async def tick() -> None:
+        if time.monotonic() - tokens_checked[0] >= s.token_check_s:
+            tokens_checked[0] = time.monotonic()
+            try:
+                await agents.check_tokens()
+            except StorageError as exc:
+                log.warning("agent tokens not re-checked: %s", exc)
         try:
             await router.tick()
             queue_length[0] = await ctx.state.queue_size()   # (the gauge below reads it: gauges are synchronous)

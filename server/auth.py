@@ -89,8 +89,13 @@ class Tokens:
         return self._sign({"k": "agent", "sub": agent_id, "ver": token_version, "exp": exp})
 
     def open_agent(self, token: Any) -> tuple[str, int]:
+        agent_id, version, _ = self.open_agent_claims(token)
+        return agent_id, version
+
+    def open_agent_claims(self, token: Any) -> tuple[str, int, float]:
+        """(agent id, token version, expiry as unix time) of a valid agent token."""
         payload = self._open(token, "agent")
-        return str(payload["sub"]), int(payload.get("ver", 0))
+        return str(payload["sub"]), int(payload.get("ver", 0)), float(payload.get("exp", 0.0))
 
     def visitor_token(self, visitor_id: str, ttl_s: float | None = None, verified: str | None = None) -> str:
         exp = time.time() + (self.visitor_ttl_s if ttl_s is None else ttl_s)

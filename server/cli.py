@@ -34,7 +34,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin (else prompted)")
     add.add_argument("--data-dir", type=Path, help="as for serve")
     add.set_defaults(func=cmd_agent_add)
-    pw = asub.add_parser("password", help="set an agent's password (revokes their tokens and open sockets on restart)")
+    pw = asub.add_parser("password", help="set an agent's password (revokes their tokens; a running server closes their open sockets within server.token_check_s)")
     pw.add_argument("username")
     pw.add_argument("--password-stdin", action="store_true")
     pw.add_argument("--data-dir", type=Path)

@@ -58,6 +58,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "node_id": "",                      # this machine's name among the nodes; "": hostname:port
     "presence_ttl_s": 10.0,             # a worker that stops refreshing its presence this long counts as dead
     "metrics_push_s": 5.0,              # with Redis: how often each worker stores its /metrics snapshot there
+    "token_check_s": 5.0,               # how often live agent sockets are checked for a revoked or expired token
 }
 
 
@@ -120,6 +121,7 @@ class Settings:
     node_id: str
     presence_ttl_s: float
     metrics_push_s: float
+    token_check_s: float
 
     @classmethod
     def from_config(cls, config: Config) -> "Settings":
@@ -141,8 +143,8 @@ class Settings:
         if self.workers > 1 and not self.redis_url:
             raise ConfigError(f"server.workers = {self.workers} needs server.redis_url (KEFU_SERVER_REDIS_URL): "
                               "the workers share routing, fan-out and limits through Redis")
-        if self.presence_ttl_s <= 0 or self.tick_s <= 0 or self.metrics_push_s <= 0:
-            raise ConfigError("server.presence_ttl_s, server.tick_s and server.metrics_push_s must be positive")
+        if min(self.presence_ttl_s, self.tick_s, self.metrics_push_s, self.token_check_s) <= 0:
+            raise ConfigError("server.presence_ttl_s, tick_s, metrics_push_s and token_check_s must be positive")
 
     @property
     def shared(self) -> bool:

@@ -61,6 +61,7 @@ class Connection:
         self.topics: list[str] = []           # broker topics followed for this socket (agent, team)
         self.routed = False                   # counted among the agent's sockets by routing
         self.token_version = 0
+        self.token_expires = math.inf         # an agent socket's token expiry (unix time): re-checked
         self.conversations: set[str] = set()  # subscribed conversation ids
         self.seen: dict[str, int] = {}        # highest seq delivered per conversation
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, queue_frames))

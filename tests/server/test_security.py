@@ -224,3 +224,37 @@ async def test_socket_that_never_says_hello_is_closed(server_factory):
     assert raw.status == 101
     assert await raw.close_code() == 4001
     raw.close()
+
+
+async def test_a_password_changed_by_another_process_closes_the_agents_live_sockets(server_factory, tmp_path):
+    """Rule: a password changed outside this server (``kefu agent password`` on the same
+    database, another node) revokes the agent's live sockets within token_check_s: 4002."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    server = await server_factory(token_check_s=0.3)
+    await server.add_agent("otto")
+    first, _ = await server.agent("otto")
+    second, _ = await server.agent("otto")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "agent", "password", "otto", "--password-stdin",
+                          "--data-dir", str(tmp_path / "data")], input="an0ther-passw0rd\n", text=True,
+                         capture_output=True, cwd=root, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert await closed_with(first) == 4002 and await closed_with(second) == 4002
+    assert server.ctx.metrics.value("kefu_agent_sockets_revoked_total") == 2
+
+
+async def test_an_agent_socket_is_closed_when_its_token_expires(server_factory):
+    """Rule: a socket does not outlive its token: at expiry it is closed with 4001 (log in again)."""
+    server = await server_factory(token_check_s=0.2)
+    await server.add_agent("eve")
+    eve = await server.ctx.storage.get_agent(username="eve")
+    token = server.ctx.tokens.agent_token(eve.id, eve.token_version, ttl_s=1.0)
+    client = await server.connect("/ws/agent")
+    await client.send({"type": "hello", "token": token})
+    await client.expect("welcome")
+    err = await client.expect("error", timeout=5)
+    assert err["code"] == "unauthorized" and "expired" in err["message"]
+    assert await closed_with(client) == 4001
