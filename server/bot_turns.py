@@ -6,13 +6,16 @@ handoff to a person.
 * The humanized delay is shown as typing and cut short at shutdown (a reply is worth more
   than the pause); a turn slower than ``bot_timeout_s`` or failing hands off to a person.
 * A handoff runs to its end even when the visitor's socket closes meanwhile.
+* A reply the database will not store is retried; still not stored, the visitor is told
+  (a transient ``notice``) and the conversation handed to a person.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from typing import Awaitable, Callable
+import secrets
+from typing import Any, Awaitable, Callable
 
 from engine import Engine, InputError
 
@@ -20,10 +23,14 @@ from .config import Settings
 from .conversations import ConvState, Conversations
 from .metrics import Metrics
 from .routing import Assigned, Queued, Router, RoutingError, Unavailable
-from .storage.base import BOT, QUEUED, Storage
+from .storage.base import BOT, QUEUED, Storage, StorageError
 from .tasks import run_to_end
 
 log = logging.getLogger("kefu.server")
+
+#: A bot reply the database refuses is tried this often, waiting STORE_RETRY_S, then twice that.
+STORE_TRIES = 3
+STORE_RETRY_S = 0.2
 
 
 class BotTurns:
@@ -39,7 +46,14 @@ class BotTurns:
     def start_turn(self, c: ConvState, text: str) -> None:
         task = asyncio.create_task(self._turn(c, text), name=f"kefu-bot-{c.id}")
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """A turn nobody awaits: its failure is logged and counted, never lost silently."""
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.metrics.inc("kefu_background_failures_total", task="bot_turn")
+            log.error("bot turn %s failed", task.get_name(), exc_info=task.exception())
 
     async def stop(self) -> None:
         """Let turns in progress store their replies (the visitor finds them on resume) for up
@@ -88,13 +102,39 @@ class BotTurns:
             self.hub.typing(c, "bot", c.bot, False)
             if c.state != BOT:   # the visitor asked for a person meanwhile
                 return
-            self.metrics.inc("kefu_bot_turns_total", outcome="handoff" if turn.handoff else "answered")
             meta = {"intent": turn.intent, "confidence": round(float(turn.confidence), 4), "source": turn.source}
-            for reply in turn.replies:
-                kind = reply.kind if reply.kind in ("text", "handoff", "greeting") else "text"
-                await self.hub.append(c, role="bot", sender=c.bot, text=reply.text, kind=kind, meta=meta)
+            if not await self._store_replies(c, turn.replies, meta):
+                self.metrics.inc("kefu_bot_turns_total", outcome="store_failed")
+                # Told at once, without storage (a transient notice), then a person takes over.
+                self.hub.notice(c, self.engine.text(c.bot, "bot_trouble"))
+                try:
+                    await self.handoff(c, "bot_store_failed")
+                except StorageError as exc:
+                    log.error("handoff of %s failed too (%s): it stays with the bot", c.id, exc)
+                    c.state = BOT
+                return
+            self.metrics.inc("kefu_bot_turns_total", outcome="handoff" if turn.handoff else "answered")
         if turn.handoff:
             await self.handoff(c, turn.handoff.reason)
+
+    async def _store_replies(self, c: ConvState, replies: Any, meta: dict[str, Any]) -> bool:
+        """Store the turn's replies, retrying a failing database (each reply has a client id,
+        so a retry of a write that did commit stores nothing twice).  False: not stored."""
+        turn_id = secrets.token_hex(8)
+        for i, reply in enumerate(replies):
+            kind = reply.kind if reply.kind in ("text", "handoff", "greeting") else "text"
+            for attempt in range(STORE_TRIES):
+                try:
+                    await self.hub.append(c, role="bot", sender=c.bot, text=reply.text, kind=kind, meta=meta,
+                                          client_id=f"bot-{turn_id}-{i}")
+                    break
+                except StorageError as exc:
+                    if attempt == STORE_TRIES - 1:
+                        log.error("bot %s: the reply in %s was not stored after %d tries (%s)", c.bot, c.id,
+                                  STORE_TRIES, exc)
+                        return False
+                    await asyncio.sleep(STORE_RETRY_S * 2 ** attempt)
+        return True
 
     async def handoff(self, c: ConvState, reason: str) -> None:
         """Bot -> a person: a state change; the bot stops answering at once.  It runs to its

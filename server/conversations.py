@@ -143,6 +143,11 @@ class Conversations:
         self.broker.publish(conversation_topic(c.id), {"type": "typing", "conversation": c.id, "role": role,
                                                        "sender": sender, "on": on}, exclude)
 
+    def notice(self, c: ConvState, text: str) -> None:
+        """A transient notice for the conversation's people (not stored: for when storage
+        itself is failing)."""
+        self.broker.publish(conversation_topic(c.id), {"type": "notice", "conversation": c.id, "text": text})
+
     def read(self, c: ConvState, role: str, seq: int, exclude: Connection | None = None) -> None:
         self.broker.publish(conversation_topic(c.id), {"type": "read", "conversation": c.id, "role": role,
                                                        "seq": min(seq, c.last_seq)}, exclude)

@@ -622,6 +622,9 @@
         if (typeof f.prefix === "string" && f.prefix !== input.value.trim()) return;   // stale answer
         return showQuickReplies(f.items || f.suggestions);
       case "error": return onError(f);
+      case "notice":                                    // transient (not stored): the bot's reply failed
+        if (typeof f.text === "string") notice(f.text);
+        return;
       case "pong": return;
       default: return;                                  // unknown frames are ignored (forward compatible)
     }

@@ -93,3 +93,54 @@ async def test_clients_are_told_the_server_is_going_away_at_shutdown(server_fact
     finally:
         await stopping
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+
+
+async def test_a_bot_reply_the_database_refuses_is_retried_then_the_visitor_is_told_and_handed_off(server,
+                                                                                                   monkeypatch):
+    """Rule: a bot reply that cannot be stored never vanishes silently: it is retried; still
+    refused, the visitor gets a notice in the bot's language, the conversation is handed to a
+    person, and the failure is counted."""
+    from server.storage.base import StorageError
+
+    hub, real = server.ctx.hub, server.ctx.hub.append
+    tries = []
+
+    async def failing_append(c, *, role, **kw):
+        if role == "bot":
+            tries.append(kw.get("client_id"))
+            raise StorageError("database is locked")
+        return await real(c, role=role, **kw)
+
+    visitor, vw = await server.visitor()
+    await visitor.expect("message")                     # greeting (stored before the failure)
+    monkeypatch.setattr(hub, "append", failing_append)
+    await visitor.message("hi")
+    note = await visitor.expect("notice")
+    assert note["text"] == "Sorry, I could not answer that just now. Let me find a person for you."
+    ev = await visitor.expect(lambda f: f.get("type") == "message" and f.get("kind") == "event")
+    assert ev["meta"]["event"] == "unavailable" and ev["meta"]["state"] == "queued"    # nobody online: it waits
+    assert len(tries) == 3 and len(set(tries)) == 1     # one client id: a retry never stores twice
+    assert server.ctx.metrics.value("kefu_bot_turns_total", outcome="store_failed") == 1
+
+
+async def test_a_bot_reply_stored_on_a_retry_reaches_the_visitor_once(server, monkeypatch):
+    """Rule: a database failing for a moment costs the bot's reply nothing: the retry stores it,
+    once."""
+    from server.storage.base import StorageError
+
+    hub, real = server.ctx.hub, server.ctx.hub.append
+    failed = []
+
+    async def flaky_append(c, *, role, **kw):
+        if role == "bot" and not failed:
+            failed.append(1)
+            raise StorageError("database is locked")
+        return await real(c, role=role, **kw)
+
+    visitor, vw = await server.visitor()
+    await visitor.expect("message")
+    monkeypatch.setattr(hub, "append", flaky_append)
+    await visitor.message("hi")
+    answer = await visitor.expect(lambda f: f.get("type") == "message" and f["role"] == "bot")
+    assert answer["seq"] == 3 and failed == [1]
+    assert server.ctx.metrics.value("kefu_bot_turns_total", outcome="answered") == 1
