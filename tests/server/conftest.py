@@ -74,6 +74,19 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+class FakeClock:
+    """A clock a test moves by hand (routing state, limits)."""
+
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, s: float) -> None:
+        self.t += s
+
+
 def metric(text: str, name: str, **labels: str) -> float | None:
     """The value of one sample of a /metrics page, the ``worker`` label left out of the
     comparison (with Redis every sample carries the answering worker's id); None if absent."""

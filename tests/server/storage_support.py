@@ -121,6 +121,33 @@ async def my_admin(database: str | None = None):
                                  connect_timeout=5, autocommit=True, charset="utf8mb4")
 
 
+async def my_execute(sql: str) -> None:
+    """One statement as MariaDB/MySQL's admin (creating or dropping a test database); the
+    server being down skips the test (fails it under CI)."""
+    try:
+        conn = await my_admin()
+    except Exception as exc:  # noqa: BLE001
+        unavailable(f"MariaDB/MySQL at {MY_HOST}:{MY_PORT}", exc)
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(sql)
+    finally:
+        conn.close()
+
+
+async def pg_execute(database: str, sql: str) -> str:
+    """One statement on PostgreSQL's ``database``; returns the user it connected as."""
+    try:
+        conn, user = await _pg_connect(database)
+    except Exception as exc:  # noqa: BLE001
+        unavailable(f"PostgreSQL at {PG_HOST}:{PG_PORT}", exc)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+    return user
+
+
 @pytest.fixture(params=BACKENDS)
 async def target(request, tmp_path):
     backend = request.param
@@ -130,37 +157,16 @@ async def target(request, tmp_path):
     elif backend == "postgresql":
         dbname, user = request.getfixturevalue("pg_database")
         schema = unique_name("t")
-        conn, _ = await _pg_connect(dbname)
-        try:
-            await conn.execute(f'CREATE SCHEMA "{schema}"')
-        finally:
-            await conn.close()
+        await pg_execute(dbname, f'CREATE SCHEMA "{schema}"')
         yield Target(backend, f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{dbname}",
                      {"connect_args": {"server_settings": {"search_path": schema}}},
                      pg_schema=schema)
-        conn, _ = await _pg_connect(dbname)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await pg_execute(dbname, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
     else:
         name = unique_name("kefu_t")
-        try:
-            conn = await my_admin()
-        except Exception as exc:  # noqa: BLE001
-            unavailable(f"MariaDB/MySQL at {MY_HOST}:{MY_PORT}", exc)
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-        finally:
-            conn.close()
+        await my_execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
         yield Target(backend, f"mysql+asyncmy://{MY_USER}@{MY_HOST}:{MY_PORT}/{name}")
-        conn = await my_admin()
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        finally:
-            conn.close()
+        await my_execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 @pytest.fixture

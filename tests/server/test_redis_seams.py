@@ -22,6 +22,7 @@ from redis.exceptions import RedisError
 from engine import Engine, InMemoryStore, MemoryStore, SessionContext
 from engine.memory import HISTORY_TURNS
 from engine.testing import testing_config as engine_config
+from .conftest import FakeClock
 from .storage_support import unavailable
 from server import redis_client
 from server.limits import LocalConnectionCap, LocalWindowCounter, RedisConnectionCap, RedisWindowCounter
@@ -32,17 +33,6 @@ from . import testbot
 from .test_broker import free_port, private_redis, until  # noqa: F401  (private_redis: a fixture)
 
 REDIS_URL = os.environ.get("KEFU_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
 
 
 class Spawner:

@@ -14,6 +14,7 @@ from collections import Counter
 import pytest
 from redis.exceptions import RedisError
 
+from .conftest import FakeClock
 from .storage_support import unavailable
 from server import redis_client
 from server.routing import AgentInfo, InMemoryRoutingState, RoutingError, RoutingState
@@ -21,17 +22,6 @@ from server.routing.redis_state import RedisRoutingState
 
 REDIS_URL = os.environ.get("KEFU_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TTL = 10.0
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, s: float) -> None:
-        self.t += s
 
 
 class RedisStates:

@@ -24,8 +24,7 @@ from server.auth import hash_password
 from server.storage import open_storage
 
 from .conftest import Client, Server, drop_prefix, free_socket, http_request
-from .storage_support import MY_HOST, MY_PORT, MY_USER, PG_HOST, PG_PORT, _pg_connect, my_admin, unavailable, \
-    unique_name
+from .storage_support import MY_HOST, MY_PORT, MY_USER, PG_HOST, PG_PORT, my_execute, pg_execute, unique_name
 
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("KEFU_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -50,37 +49,13 @@ async def database(request):
     backend = getattr(request, "param", "postgresql")
     name = unique_name("kefu_so")
     if backend == "postgresql":
-        try:
-            conn, user = await _pg_connect("postgres")
-        except Exception as exc:  # noqa: BLE001
-            unavailable(f"PostgreSQL at {PG_HOST}:{PG_PORT}", exc)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
+        user = await pg_execute("postgres", f'CREATE DATABASE "{name}"')
         yield f"postgresql+asyncpg://{user}@{PG_HOST}:{PG_PORT}/{name}"
-        conn, _ = await _pg_connect("postgres")
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await pg_execute("postgres", f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     else:
-        try:
-            conn = await my_admin()
-        except Exception as exc:  # noqa: BLE001
-            unavailable(f"MariaDB/MySQL at {MY_HOST}:{MY_PORT}", exc)
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
-        finally:
-            conn.close()
+        await my_execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
         yield f"mysql+asyncmy://{MY_USER}@{MY_HOST}:{MY_PORT}/{name}"
-        conn = await my_admin()
-        try:
-            async with conn.cursor() as cur:
-                await cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
-        finally:
-            conn.close()
+        await my_execute(f"DROP DATABASE IF EXISTS `{name}`")
 
 
 def free_port() -> int:
