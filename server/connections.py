@@ -15,7 +15,7 @@ import itertools
 import logging
 import math
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any, Awaitable, Callable, Iterable
 
 from . import protocol
@@ -66,7 +66,9 @@ class Connection:
         self.seen: dict[str, int] = {}        # highest seq delivered per conversation
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max(1, queue_frames))
         self.bucket = TokenBucket(rate_per_s, rate_burst)
-        self.refused = 0                      # frames refused by the bucket in a row
+        self.refusals: deque[float] = deque() # when the bucket refused frames: the latest, within the window
+        self.limited = False                  # the last frame was refused (its error frame is sent)
+        self.typing: dict[str, Any] = {}      # per conversation: typing forwarded and pending (sessions)
         self.errors = 0
         self.opened = self.last_seen = time.monotonic()
         self.ping_sent: float | None = None

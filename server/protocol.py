@@ -29,7 +29,7 @@ CLOSE_REVOKED = 4002           # the agent's password changed (token revoked)
 CLOSE_NOT_FOUND = 4004         # hello named an unknown or foreign conversation
 CLOSE_SLOW = 4008              # the client did not read fast enough (send queue full)
 CLOSE_TOO_MANY_ERRORS = 4009   # max_errors protocol errors
-CLOSE_RATE_LIMITED = 4029      # flood (token bucket empty twice in a row) or too many new conversations
+CLOSE_RATE_LIMITED = 4029      # flood (5 refusals within 10 s) or too many new conversations
 
 # Error-frame codes.
 BAD_JSON = "bad_json"

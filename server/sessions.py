@@ -27,6 +27,14 @@ log = logging.getLogger("kefu.server")
 
 Handler = Callable[[Connection, dict[str, Any]], Awaitable[None]]
 
+#: A socket whose frames the token bucket refuses RATE_REFUSALS times within
+#: RATE_REFUSAL_WINDOW_S seconds is closed with 4029, accepted frames in between or not (a
+#: flood paced a little above the rate has accepted frames between its refused ones).
+RATE_REFUSALS = 5
+RATE_REFUSAL_WINDOW_S = 10.0
+#: Typing frames are forwarded at most once per TYPING_INTERVAL_S per socket and conversation.
+TYPING_INTERVAL_S = 0.25
+
 
 class Desk(Protocol):
     """What a desk gives the session layer."""
@@ -36,6 +44,18 @@ class Desk(Protocol):
     def conversation_of(self, conn: Connection, frame: dict[str, Any]) -> ConvState: ...
 
     async def disconnected(self, conn: Connection) -> None: ...
+
+
+class _TypingGate:
+    """One socket's typing in one conversation (:meth:`Sessions.typing`)."""
+
+    __slots__ = ("sent_at", "state", "pending", "timer")
+
+    def __init__(self) -> None:
+        self.sent_at = float("-inf")                    # when a typing frame was last forwarded
+        self.state: bool | None = None                  # the state it carried
+        self.pending = False                            # the change waiting for the interval's end
+        self.timer: asyncio.TimerHandle | None = None   # set while a change waits
 
 
 class Sessions:
@@ -159,14 +179,22 @@ class Sessions:
             conn.send(P.error_frame(P.INTERNAL, "internal error", client_id))
 
     def _over_rate(self, conn: Connection, cost: float) -> bool:
+        """True when the bucket refuses the frame (it is dropped).  The first refusal after
+        an accepted frame gets error ``rate_limited``; the RATE_REFUSALS-th within
+        RATE_REFUSAL_WINDOW_S closes the socket with 4029."""
         if cost == 0 or conn.bucket.take(cost):
-            conn.refused = 0
+            conn.limited = False
             return False
-        conn.refused += 1
+        now = time.monotonic()
+        refusals = conn.refusals
+        refusals.append(now)
+        while len(refusals) > RATE_REFUSALS or now - refusals[0] > RATE_REFUSAL_WINDOW_S:
+            refusals.popleft()
         self.metrics.inc("kefu_frames_rejected_total", code=P.RATE_LIMITED)
-        if conn.refused == 1:
+        if not conn.limited:
+            conn.limited = True
             conn.send(P.error_frame(P.RATE_LIMITED, "too many frames; slow down"))
-        elif conn.refused >= 5:
+        if len(refusals) >= RATE_REFUSALS:
             conn.close(P.CLOSE_RATE_LIMITED, "rate limit")
         return True
 
@@ -221,8 +249,43 @@ class Sessions:
     # -- frames of both kinds -----------------------------------------------------------------
 
     async def typing(self, conn: Connection, frame: dict[str, Any]) -> None:
+        """Forwarded at most once per TYPING_INTERVAL_S per socket and conversation: inside
+        the interval a repeat of the state last forwarded is dropped, and a change waits for
+        the interval's end (only the latest state goes out then), so the last state sent
+        always arrives, at most TYPING_INTERVAL_S late."""
         c = self.desks[conn.kind].conversation_of(conn, frame)
         on = P.get_bool(frame, "on", True)
+        now = time.monotonic()
+        gate = conn.typing.get(c.id)
+        if gate is None:
+            if len(conn.typing) >= 16:     # forget conversations with nothing pending
+                for cid in [cid for cid, g in conn.typing.items() if g.timer is None]:
+                    del conn.typing[cid]
+            gate = conn.typing[c.id] = _TypingGate()
+        if gate.timer is None and now - gate.sent_at >= TYPING_INTERVAL_S:
+            gate.sent_at, gate.state = now, on
+            self._forward_typing(conn, c, on)
+        elif on == gate.state:             # a repeat, or a change taken back: nothing to send
+            if gate.timer is not None:
+                gate.timer.cancel()
+                gate.timer = None
+        else:
+            gate.pending = on
+            if gate.timer is None:
+                gate.timer = asyncio.get_running_loop().call_later(
+                    gate.sent_at + TYPING_INTERVAL_S - now, self._typing_due, conn, c, gate)
+
+    def _typing_due(self, conn: Connection, c: ConvState, gate: "_TypingGate") -> None:
+        gate.timer = None
+        if conn.closed or c.id not in conn.conversations:
+            return
+        gate.sent_at, gate.state = time.monotonic(), gate.pending
+        try:
+            self._forward_typing(conn, c, gate.state)
+        except Exception:
+            log.exception("typing from %r failed", conn)
+
+    def _forward_typing(self, conn: Connection, c: ConvState, on: bool) -> None:
         self.hub.typing(c, conn.kind, conn.agent_id or conn.visitor_id or "", on, exclude=conn)
 
     async def read(self, conn: Connection, frame: dict[str, Any]) -> None:
