@@ -251,8 +251,8 @@ class Sessions:
     async def typing(self, conn: Connection, frame: dict[str, Any]) -> None:
         """Forwarded at most once per TYPING_INTERVAL_S per socket and conversation: inside
         the interval a repeat of the state last forwarded is dropped, and a change waits for
-        the interval's end (only the latest state goes out then), so the last state sent
-        always arrives, at most TYPING_INTERVAL_S late."""
+        the interval's end (only the latest state goes out then, even if it was taken back),
+        so the last state sent always arrives, at most TYPING_INTERVAL_S late."""
         c = self.desks[conn.kind].conversation_of(conn, frame)
         on = P.get_bool(frame, "on", True)
         now = time.monotonic()
@@ -265,11 +265,12 @@ class Sessions:
         if gate.timer is None and now - gate.sent_at >= TYPING_INTERVAL_S:
             gate.sent_at, gate.state = now, on
             self._forward_typing(conn, c, on)
-        elif on == gate.state:             # a repeat, or a change taken back: nothing to send
-            if gate.timer is not None:
-                gate.timer.cancel()
-                gate.timer = None
+        elif gate.timer is None and on == gate.state:    # a repeat inside the interval
+            return
         else:
+            # A change, or a change taken back: the latest state goes out at the interval's
+            # end even when it repeats the last one sent (a receiver hides the indicator when
+            # a message arrives, so "on" after "off" must be said again).
             gate.pending = on
             if gate.timer is None:
                 gate.timer = asyncio.get_running_loop().call_later(

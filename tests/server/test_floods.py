@@ -264,3 +264,18 @@ async def test_refusals_older_than_the_window_are_forgotten(server_factory, monk
     await still_alive(client)
     assert not await refuse(server, client, 1)                           # but these count: closed
     assert await closed_with(client) == 4029
+
+
+async def test_typing_again_right_after_sending_a_message_is_forwarded(server):
+    """Rule: an agent who sends a message (typing off) and starts typing again inside one
+    interval is shown typing again: receivers hide the indicator when the message arrives, so
+    the "on" is said again at the interval's end, not dropped as a repeat."""
+    agent, visitor, cid = await human_conversation(server)
+    await agent.send({"type": "typing", "conversation": cid, "on": True})
+    assert (await visitor.expect("typing"))["on"] is True
+    await agent.message("one moment", conversation=cid)
+    await agent.send({"type": "typing", "conversation": cid, "on": False})
+    await agent.send({"type": "typing", "conversation": cid, "on": True})
+    await visitor.expect(lambda f: f.get("type") == "message" and f.get("text") == "one moment")
+    again = await visitor.expect("typing", timeout=2)
+    assert again["on"] is True
