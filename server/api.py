@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
+import re
 import secrets
 from pathlib import Path
 from typing import Any
@@ -29,23 +31,54 @@ bp = Blueprint("api", url_prefix="/api/v1")
 ops = Blueprint("ops")
 
 MAX_LIMIT = 200
+#: The largest integer a query parameter may carry: what every database driver takes (BIGINT).
+INT_MAX = 2 ** 63 - 1
+_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]{1,3})?")
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
 
 
 def body(request: Request) -> dict[str, Any]:
     try:
-        data = json.loads(request.body or b"{}")
-    except ValueError:
+        # NaN and Infinity are not JSON (as on the sockets); a deeply nested array is a
+        # RecursionError, not a ValueError
+        data = json.loads(request.body or b"{}", parse_constant=_not_json)
+    except (ValueError, RecursionError):
         raise BadRequest("body is not valid JSON") from None
     if not isinstance(data, dict):
         raise BadRequest("body must be a JSON object")
     return data
 
 
+def _clean(value: str) -> bool:
+    """No NUL (refused by PostgreSQL and by file names) and no lone surrogate (a JSON
+    ``"\\ud800"`` escape: it cannot be encoded, so hashing or storing it raised)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text(value: Any, name: str, *, max_len: int, min_len: int = 1, error: type[InputError] = BadRequest) -> str:
+    """A string field of ``min_len``..``max_len`` characters, else 400 naming the field and the rule."""
+    if not isinstance(value, str) or not min_len <= len(value) <= max_len or not _clean(value):
+        raise error(f"{name} must be a string of {min_len} to {max_len} characters (valid Unicode, no NUL)")
+    return value
+
+
 def _bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     if not header.lower().startswith("bearer "):
         raise Unauthorized("missing bearer token")
-    return header[7:].strip()
+    token = header[7:].strip()
+    if not (token.isascii() and token.isprintable()):    # (bytes that are not ASCII came in as surrogates)
+        raise Unauthorized("malformed token")
+    return token
 
 
 async def agent_of(request: Request) -> Agent:
@@ -85,16 +118,26 @@ def can_read(kind: str, who: str, conv: Conversation, team: str | None = None,
 
 
 def _int_arg(request: Request, name: str, default: int | None, maximum: int | None = None) -> int | None:
+    """A query parameter of ASCII digits, 0..INT_MAX (above, the database driver overflowed:
+    500); above ``maximum`` it is capped."""
     raw = request.args.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise BadRequest(f"{name} must be an integer") from None
-    if value < 0:
-        raise BadRequest(f"{name} must be >= 0")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 19 and int(raw) <= INT_MAX):
+        raise BadRequest(f"{name} must be an integer from 0 to {INT_MAX}")
+    value = int(raw)
     return min(value, maximum) if maximum else value
+
+
+def _number_arg(request: Request, name: str, what: str = "a number") -> float | None:
+    """A query parameter that is a plain decimal number, 0..INT_MAX (no NaN, no infinity)."""
+    raw = request.args.get(name)
+    if raw is None:
+        return None
+    value = float(raw) if len(raw) <= 64 and _NUMBER.fullmatch(raw) else math.nan
+    if not 0 <= value <= INT_MAX:
+        raise BadRequest(f"{name} must be {what} from 0 to {INT_MAX}")
+    return value
 
 
 async def agents_with_presence(agents: list[Agent], router: Any) -> list[dict[str, Any]]:
@@ -118,9 +161,11 @@ async def login(request: Request) -> HTTPResponse:
         raise RateLimited("too many failed logins; wait a minute")
     data = body(request)
     username, password = data.get("username"), data.get("password")
-    if not isinstance(username, str) or not isinstance(password, str) or len(password) > 1024:
+    if not isinstance(username, str) or not isinstance(password, str):
         raise BadRequest("username and password are required")
-    agent = await ctx.storage.get_agent(username=username[:200])
+    _text(username, "username", max_len=200)
+    _text(password, "password", max_len=1024, min_len=0)
+    agent = await ctx.storage.get_agent(username=username)
     # verify even for an unknown user, so timing does not reveal which usernames exist
     ok = await asyncio.to_thread(verify_password, password, agent.password_hash if agent else ctx.dummy_hash)
     if agent is None or not ok:
@@ -140,6 +185,8 @@ async def change_password(request: Request) -> HTTPResponse:
     old, new = data.get("old_password"), data.get("new_password")
     if not isinstance(old, str) or not isinstance(new, str) or len(new) < 8 or len(new) > 1024:
         raise BadRequest("old_password and new_password (8+ characters) are required")
+    _text(old, "old_password", max_len=1024, min_len=0)
+    _text(new, "new_password", max_len=1024, min_len=8)
     if not await asyncio.to_thread(verify_password, old, agent.password_hash):
         raise Unauthorized("wrong password")
     new_hash = await asyncio.to_thread(hash_password, new)
@@ -157,6 +204,7 @@ async def visitor_session(request: Request) -> HTTPResponse:
     identity = data.get("identity")
     verified = None
     if identity is not None:
+        _sane_identity(identity)
         verified = check_identity(ctx.settings.identity_secret, identity,
                                   max_age_s=ctx.settings.identity_max_age_s)
         visitor_id = ctx.tokens.verified_visitor_id(verified)
@@ -166,6 +214,21 @@ async def visitor_session(request: Request) -> HTTPResponse:
                           "token": ctx.tokens.visitor_token(visitor_id, verified=verified)})
 
 
+def _sane_identity(identity: Any) -> None:
+    """What check_identity cannot take, refused as a bad identity (401) before it: text that
+    cannot be encoded (hashing it raised) or holds a NUL, a timestamp beyond a float (float()
+    overflowed) or NaN (it passed the age check)."""
+    if not isinstance(identity, dict):
+        return                              # check_identity says so
+    for name in ("id", "ts", "hash"):
+        value = identity.get(name)
+        if isinstance(value, str) and not _clean(value):
+            raise Unauthorized(f"identity {name} must be valid Unicode without NUL")
+    ts = identity.get("ts")
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and not -INT_MAX <= ts <= INT_MAX:
+        raise Unauthorized("identity timestamp outside the accepted window")
+
+
 # -- conversations -----------------------------------------------------------------------
 
 @bp.get("/conversations")
@@ -173,11 +236,7 @@ async def list_conversations(request: Request) -> HTTPResponse:
     ctx = request.app.ctx
     kind, who, team = await caller_of(request)
     limit = _int_arg(request, "limit", 50, MAX_LIMIT) or 50
-    before_raw = request.args.get("before")
-    try:
-        before = float(before_raw) if before_raw is not None else None
-    except ValueError:
-        raise BadRequest("before must be a number (unix seconds)") from None
+    before = _number_arg(request, "before", "a number (unix seconds)")
     state = request.args.get("state")
     if state is not None and state not in ("bot", "queued", "human", "closed"):
         raise BadRequest("state must be one of bot, queued, human, closed")
@@ -193,7 +252,10 @@ async def list_conversations(request: Request) -> HTTPResponse:
 
 async def _readable(request: Request, conversation_id: str) -> Conversation:
     kind, who, team = await caller_of(request)
-    conv = await request.app.ctx.storage.get_conversation(conversation_id[:64])
+    # (the id as it came in the path, percent-escapes and all): one that no conversation can
+    # have (too long, control characters) is simply unknown
+    plausible = len(conversation_id) <= 64 and conversation_id.isprintable()
+    conv = await request.app.ctx.storage.get_conversation(conversation_id) if plausible else None
     if conv is None:
         raise NotFound("no such conversation")
     conv_team = team_of(request, conv)
@@ -252,11 +314,10 @@ async def bot_reply(request: Request, bot: str) -> HTTPResponse:
     data = body(request)
     # No session: a one-off turn, with memory nobody else shares (not a common "default"
     # session in which unrelated callers would read each other's slots).
-    text, session = data.get("text"), data.get("session") or "once-" + secrets.token_hex(8)
-    if not isinstance(session, str) or len(session) > 64:
-        raise BadRequest("session must be a string of at most 64 characters")
-    if not isinstance(text, str) or len(text) > ctx.settings.max_text_chars:
-        raise InputError(f"text must be a string of at most {ctx.settings.max_text_chars} characters")
+    text, session = data.get("text"), data.get("session")
+    session = "once-" + secrets.token_hex(8) if session in (None, "") else _text(session, "session", max_len=64)
+    # (blank text: the engine's own bad_input)
+    _text(text, "text", max_len=ctx.settings.max_text_chars, min_len=0, error=InputError)
     # "api:" keeps these sessions apart from the conversations' own memory
     turn = await asyncio.wait_for(ctx.engine.handle(bot, text, session="api:" + session),
                                   ctx.settings.bot_timeout_s)
@@ -270,11 +331,17 @@ async def reload_knowledge(request: Request) -> HTTPResponse:
     await agent_of(request)
     data = body(request)
     bot = data.get("bot")
-    if bot is not None and not isinstance(bot, str):
-        raise BadRequest("bot must be a string")
+    if bot is not None:
+        _text(bot, "bot", max_len=200, min_len=0)
     results = request.app.ctx.engine.reload(bot)
     status = {name: ("ok" if err is None else [str(p) for p in err.problems]) for name, err in results.items()}
     return json_response({"reloaded": status}, status=200 if all(v == "ok" for v in status.values()) else 422)
+
+
+@bp.route("/<path:path>", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"], name="unknown_route")
+async def unknown_route(request: Request, path: str) -> HTTPResponse:
+    """Any other path under /api/v1: a JSON 404 like every other API error (Sanic's own is text)."""
+    raise NotFound("no such API route")
 
 
 @functools.cache
@@ -319,3 +386,23 @@ def error_response(request: Request, exc: KefuError) -> HTTPResponse:
     status = int(getattr(exc, "status_code", 500) or 500)
     message = exc.message if status < 500 else "internal error"
     return json_response({"error": {"code": exc.code, "message": message}}, status=status)
+
+
+#: Sanic's own refusals (no route, wrong method, head or body too large, a bad request line):
+#: (code, message) a client can act on.
+_SANIC_ERRORS = {400: ("bad_request", "bad request"), 404: ("not_found", "no such page"),
+                 405: ("method_not_allowed", "method not allowed here"), 408: ("timeout", "request took too long"),
+                 413: ("too_large", "request too large"), 416: ("bad_range", "bad range")}
+
+
+def sanic_error_response(request: Any, exc: Exception) -> HTTPResponse:
+    """The same JSON error body as ours for what Sanic refuses before a handler runs (its own
+    answers were text or HTML); its status is kept, its wording (which may name internals)
+    is not."""
+    status = int(getattr(exc, "status_code", 500) or 500)
+    if status >= 500:
+        code, message = "internal", "internal error"
+    else:
+        code, message = _SANIC_ERRORS.get(status, ("refused", "request refused"))
+    return json_response({"error": {"code": code, "message": message}}, status=status,
+                         headers=dict(getattr(exc, "headers", None) or {}))

@@ -105,6 +105,8 @@ def create_app(config: Config | None = None, *, plugins: Iterable[object] = (), 
     app.on_request(ws.check_upgrade)
     app.on_response(_security_headers)
     app.error_handler.add(KefuError, api.error_response)
+    from sanic.exceptions import SanicException
+    app.error_handler.add(SanicException, api.sanic_error_response)
     _static(app)
 
     app.before_server_start(_open)
@@ -295,11 +297,34 @@ async def _security_headers(request: Any, response: Any) -> None:
 
 
 def _static(app: Sanic) -> None:
-    """The visitor page, the widget and the agent console (server/static), when present."""
+    """The visitor page, the widget and the agent console (server/static), when present.
+
+    ``/static/<name>`` is served by a handler of ours rather than Sanic's directory route, which
+    answered 500 for a NUL in the path (``/static/%00``) or a name too long for the file system.
+    Only a plain name is looked up (ASCII letters, digits, ``-_.``, ``/`` between parts, no part
+    starting with a dot, at most 255 characters, taken as it came: no percent-decoding); any other
+    name, and any that is not a file inside the folder, is a JSON 404 like every other error."""
+    from sanic.response import file
+    from sanic.response.convenience import guess_content_type
+
+    from .errors import NotFound
+
     folder = Path(__file__).with_name("static")
     if not folder.is_dir():
         return
-    app.static("/static", folder, name="static")
+    root = folder.resolve()
+    plain = re.compile(r"(?:[A-Za-z0-9_-][A-Za-z0-9._-]*/)*[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+    async def static_file(request: Any, name: str) -> Any:
+        path = root / name if len(name) <= 255 and plain.fullmatch(name) else None
+        if path is None or not path.is_file() or not path.resolve().is_relative_to(root):
+            raise NotFound("no such file")
+        content_type = guess_content_type(path)
+        if content_type in ("application/javascript", "text/javascript"):
+            content_type += "; charset=utf-8"
+        return await file(path, request_headers=request.headers, mime_type=content_type)
+
+    app.route("/static/<name:path>", methods=["GET", "HEAD"], name="static")(static_file)
     for url, filename in (("/", "chat.html"), ("/chat", "chat.html"), ("/console", "console.html"),
                           ("/widget.js", "widget.js")):
         if (folder / filename).is_file():

@@ -64,7 +64,7 @@ class Tokens:
         return f"{body}.{_b64(sig)}"
 
     def _open(self, token: Any, kind: str, now: float | None = None) -> dict[str, Any]:
-        if not isinstance(token, str) or token.count(".") != 1 or len(token) > 2048:
+        if not isinstance(token, str) or not token.isascii() or token.count(".") != 1 or len(token) > 2048:
             raise Unauthorized("missing or malformed token")
         body, sig = token.split(".")
         expected = hmac.new(self._key, body.encode(), hashlib.sha256).digest()
