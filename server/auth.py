@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import secrets
 import time
 from typing import Any
@@ -47,7 +48,18 @@ def _b64(data: bytes) -> str:
 
 
 def _unb64(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    """Strict: only the URL-safe alphabet, and only the one canonical spelling of the bytes
+    (the standard decoder skips other characters, so ``ab*c`` read as ``abc``: one signature
+    had many spellings)."""
+    if not _B64.fullmatch(text) or len(text) % 4 == 1:
+        raise ValueError("not URL-safe base64")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if _b64(data) != text:
+        raise ValueError("not the canonical base64 of its bytes")
+    return data
+
+
+_B64 = re.compile(r"[A-Za-z0-9_-]*")
 
 
 class Tokens:

@@ -201,15 +201,24 @@ def _get(settings: Settings | Mapping[str, Any], key: str) -> Any:
 
 
 def data_dir(settings: Settings | Mapping[str, Any]) -> Path:
+    """The data folder, created readable by this user only (0700): it holds every transcript
+    and the password hashes."""
     path = Path(_get(settings, "data_dir") or "data").expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
     return path
 
 
 def database_url(settings: Settings | Mapping[str, Any]) -> str:
+    """``server.database_url``, or SQLite in the data folder, its file created 0600 (SQLite
+    gives its -wal and -shm files the same mode)."""
     if _get(settings, "database_url"):
         return str(_get(settings, "database_url"))
-    return f"sqlite+aiosqlite:///{(data_dir(settings) / 'kefu.sqlite3').resolve()}"
+    path = (data_dir(settings) / "kefu.sqlite3").resolve()
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    return f"sqlite+aiosqlite:///{path}"
 
 
 def secret_key(settings: Settings | Mapping[str, Any]) -> bytes:

@@ -258,3 +258,32 @@ async def test_an_agent_socket_is_closed_when_its_token_expires(server_factory):
     err = await client.expect("error", timeout=5)
     assert err["code"] == "unauthorized" and "expired" in err["message"]
     assert await closed_with(client) == 4001
+
+
+async def test_a_token_spelled_with_extra_characters_is_refused(server):
+    """Rule: tokens decode strictly: a character outside URL-safe base64 slipped into the
+    signature or body (which a lenient decoder skips) makes the token invalid."""
+    await server.add_agent("bea")
+    token = await server.login("bea")
+    body, sig = token.split(".")
+    for forged in (f"{body}.{sig[:5]}*{sig[5:]}", f"{body}.{sig}=", f"{body[:3]}!{body[3:]}.{sig}",
+                   f"{body}.{sig[:-1]}{'A' if sig[-1] != 'A' else 'B'}"):
+        status, data = await server.http("GET", "/api/v1/agents/me", token=forged)
+        assert status == 401, forged
+    status, _ = await server.http("GET", "/api/v1/agents/me", token=token)
+    assert status == 200
+
+
+async def test_the_data_folder_and_database_are_private_to_the_server_user(server_factory, tmp_path):
+    """Rule: the data folder (transcripts, password hashes, secret) is created 0700 and the
+    SQLite files 0600."""
+    import stat
+
+    server = await server_factory(data_dir=tmp_path / "private")
+    visitor, _ = await server.visitor()
+    await visitor.message("hello")
+    folder = tmp_path / "private"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    files = [p for p in folder.iterdir() if p.name.startswith("kefu.sqlite3")]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), \
+        [(p.name, oct(p.stat().st_mode)) for p in files]
