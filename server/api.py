@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import math
 import re
@@ -200,6 +201,8 @@ async def visitor_session(request: Request) -> HTTPResponse:
     """A visitor token; with ``identity`` (signed by the host site) a verified one.
     A bad identity answers 401 and changes nothing."""
     ctx = request.app.ctx
+    if not await ctx.visitor_sessions.hit(client_ip(request)):
+        raise RateLimited("too many new visitor sessions from this address; wait a minute")
     data = body(request)
     identity = data.get("identity")
     verified = None
@@ -378,6 +381,11 @@ async def healthz(request: Request) -> HTTPResponse:
 @ops.get("/metrics")
 async def metrics(request: Request) -> HTTPResponse:
     ctx = request.app.ctx
+    wanted = ctx.settings.metrics_token
+    if wanted:
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {wanted}".encode()):
+            raise Unauthorized("metrics need server.metrics_token as a bearer token")
     text = await ctx.shared_metrics.render() if ctx.shared_metrics is not None else ctx.metrics.render()
     return text_response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 

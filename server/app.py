@@ -65,6 +65,7 @@ class KefuContext:
     tokens: Tokens | None = None
     caps: ConnectionCap | None = None
     new_conversations: WindowCounter | None = None
+    visitor_sessions: WindowCounter | None = None
     login_failures: WindowCounter | None = None
     reply_limit: WindowCounter | None = None
     dummy_hash: str = ""
@@ -151,6 +152,7 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
             return LocalWindowCounter(limit)
         ctx.caps = LocalConnectionCap(s.max_connections_per_ip)
     ctx.new_conversations = counter("new_conversations", s.new_conversations_per_ip_per_min)
+    ctx.visitor_sessions = counter("visitor_sessions", s.visitor_sessions_per_ip_per_min)
     ctx.login_failures = counter("login_failures", s.login_failures_per_ip_per_min)
     ctx.reply_limit = counter("bot_replies", int(s.rate_per_s * 60 * 4))
 
@@ -210,7 +212,8 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
         routing_down[0] = False
 
     sessions = ctx.sessions = Sessions(s, hub=hub, registry=registry, metrics=ctx.metrics, caps=ctx.caps,
-                                       window_counters=[ctx.new_conversations, ctx.login_failures, ctx.reply_limit],
+                                       window_counters=[ctx.new_conversations, ctx.login_failures, ctx.reply_limit,
+                                                        ctx.visitor_sessions],
                                        on_tick=tick, node=f"{worker.node}/{worker.index}")
     sessions.add_desk("visitor", visitors)
     sessions.add_desk("agent", agents)
@@ -288,12 +291,21 @@ async def _close(app: Sanic, _loop: Any = None) -> None:
 
 async def _security_headers(request: Any, response: Any) -> None:
     response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")     # page addresses stay here
     if (response.content_type or "").startswith("text/html"):
-        origins = " ".join(request.app.ctx.settings.origins)
+        # Sockets and requests to this server only (``ws:``/``wss:`` alone allowed any host).
+        host = request.host
+        connect = f"'self' ws://{host} wss://{host}" if host and _HOST.fullmatch(host) else "'self'"
+        # The console is never framed; the chat page may be, by the shops that embed the widget.
+        ancestors = "'none'" if request.path.rstrip("/") == "/console" else \
+            " ".join(["'self'", *request.app.ctx.settings.origins])
         response.headers.setdefault(
             "Content-Security-Policy",
-            "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; object-src 'none'; "
-            f"base-uri 'none'; frame-ancestors 'self' {origins}".strip())
+            f"default-src 'self'; connect-src {connect}; img-src 'self' data:; object-src 'none'; "
+            f"base-uri 'none'; frame-ancestors {ancestors}")
+
+
+_HOST = re.compile(r"[A-Za-z0-9.-]+(?::[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](?::[0-9]{1,5})?")
 
 
 def _static(app: Sanic) -> None:

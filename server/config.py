@@ -59,6 +59,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "presence_ttl_s": 10.0,             # a worker that stops refreshing its presence this long counts as dead
     "metrics_push_s": 5.0,              # with Redis: how often each worker stores its /metrics snapshot there
     "token_check_s": 5.0,               # how often live agent sockets are checked for a revoked or expired token
+    "metrics_token": "",                # set: /metrics needs "Authorization: Bearer <metrics_token>"; "": open
+    "visitor_sessions_per_ip_per_min": 60,   # POST /api/v1/visitor/session per client IP per minute
 }
 
 
@@ -122,6 +124,8 @@ class Settings:
     presence_ttl_s: float
     metrics_push_s: float
     token_check_s: float
+    metrics_token: str
+    visitor_sessions_per_ip_per_min: int
 
     @classmethod
     def from_config(cls, config: Config) -> "Settings":

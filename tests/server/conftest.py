@@ -43,7 +43,8 @@ def server_config(data_dir, **server: Any):
                              "bots": ["testbot"]})
     config["server"].update({"data_dir": str(data_dir), "secret_key": "test-secret-key-0123456789",
                              "identity_secret": "host-site-secret", "rate_per_s": 200.0, "rate_burst": 400,
-                             "new_conversations_per_ip_per_min": 10000, "tick_s": 0.2,
+                             "new_conversations_per_ip_per_min": 10000,
+                             "visitor_sessions_per_ip_per_min": 10000, "tick_s": 0.2,
                              "origins": [ORIGIN, "https://shop.example"]})
     config["server"].update(server)
     return config

@@ -287,3 +287,45 @@ async def test_the_data_folder_and_database_are_private_to_the_server_user(serve
     files = [p for p in folder.iterdir() if p.name.startswith("kefu.sqlite3")]
     assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), \
         [(p.name, oct(p.stat().st_mode)) for p in files]
+
+
+async def _headers(port: int, path: str) -> dict[str, str]:
+    import asyncio as _asyncio
+    reader, writer = await _asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode())
+    raw = await reader.read()
+    writer.close()
+    head = raw.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")[1:]
+    return {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in head)}
+
+
+async def test_pages_connect_only_to_this_server_and_the_console_is_never_framed(server):
+    """Rule: the pages' CSP lets them connect to this server only (not any ws: host), the
+    console may not be framed by anyone, the chat page only by the configured shop origins,
+    and no page leaks its address as a referrer."""
+    chat = await _headers(server.port, "/")
+    console = await _headers(server.port, "/console")
+    host = f"127.0.0.1:{server.port}"
+    for h in (chat, console):
+        assert f"connect-src 'self' ws://{host} wss://{host};" in h["content-security-policy"]
+        assert h["referrer-policy"] == "no-referrer"
+    assert "frame-ancestors 'none'" in console["content-security-policy"]
+    assert "frame-ancestors 'self' http://127.0.0.1 https://shop.example" in chat["content-security-policy"]
+
+
+async def test_metrics_need_the_configured_bearer_token(server_factory):
+    """Rule: with server.metrics_token set, /metrics answers 401 without it (or with another)."""
+    server = await server_factory(metrics_token="scrape-me-0123")
+    status, _ = await server.http("GET", "/metrics")
+    assert status == 401
+    status, _ = await server.http("GET", "/metrics", token="wrong")
+    assert status == 401
+    status, text = await server.http("GET", "/metrics", token="scrape-me-0123")
+    assert status == 200 and "kefu_connections" in text
+
+
+async def test_visitor_sessions_over_rest_are_rate_limited_per_ip(server_factory):
+    """Rule: POST /api/v1/visitor/session is limited per client IP (300 in 0.1 s were served)."""
+    server = await server_factory(visitor_sessions_per_ip_per_min=5)
+    got = [(await server.http("POST", "/api/v1/visitor/session", json_body={}))[0] for _ in range(7)]
+    assert got == [200] * 5 + [429] * 2
