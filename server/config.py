@@ -22,6 +22,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "data_dir": "data",                 # SQLite file, generated secret key
     "database_url": "",                 # default: sqlite+aiosqlite:///<data_dir>/kefu.sqlite3
     "origins": [],                      # allowed Origin values for WebSocket upgrades; empty: same host only
+    "public_urls": [],                  # this server's own origins (https://chat.example.com); set: only these
+                                        # and `origins` may open sockets (the Host header is not trusted)
     "allow_no_origin": True,            # non-browser clients send no Origin header
     "proxies_count": 0,                 # trusted reverse proxies in front (for the client IP)
     "secret_key": "",                   # HMAC key for tokens; default: generated into <data_dir>/secret.key
@@ -88,6 +90,7 @@ class Settings:
     data_dir: str
     database_url: str
     origins: tuple[str, ...]
+    public_urls: tuple[str, ...]
     allow_no_origin: bool
     proxies_count: int
     secret_key: str

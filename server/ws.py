@@ -22,22 +22,30 @@ def client_ip(request: Request) -> str:
     return request.remote_addr or request.ip or "?"
 
 
-def origin_allowed(origin: str | None, host: str, settings: Settings) -> bool:
+def origin_allowed(origin: str | None, host: str, settings: Settings, scheme: str = "http") -> bool:
+    """May a page of ``origin`` open a socket here?  The shops' sites in ``origins``, and this
+    server's own pages (the chat page in the widget's iframe, the console): with
+    ``public_urls`` set, exactly those origins (scheme, host and port), since the ``Host``
+    header is the client's to choose (a DNS-rebinding page has its own name there and in its
+    Origin); without, the request's own host and scheme (for development)."""
     if origin is None:
         return settings.allow_no_origin
-    # This server's own pages (the chat page inside the widget's iframe, the console) are
-    # always allowed; `origins` adds the shops' sites that open sockets from their pages.
-    if urlsplit(origin).netloc.lower() == host.lower():
-        return True
+    origin = origin.rstrip("/").lower()
     allowed = [o.rstrip("/").lower() for o in settings.origins]
-    return "*" in allowed or origin.rstrip("/").lower() in allowed
+    if "*" in allowed or origin in allowed:
+        return True
+    if settings.public_urls:
+        return origin in [u.rstrip("/").lower() for u in settings.public_urls]
+    parts = urlsplit(origin)
+    own_scheme = {"ws": "http", "wss": "https"}.get(scheme, scheme)
+    return parts.netloc == host.lower() and parts.scheme == own_scheme
 
 
 async def check_upgrade(request: Request):
     if not request.path.startswith("/ws/"):
         return None
     ctx = request.app.ctx
-    if not origin_allowed(request.headers.get("origin"), request.host, ctx.settings):
+    if not origin_allowed(request.headers.get("origin"), request.host, ctx.settings, request.scheme):
         ctx.metrics.inc("kefu_http_rejected_total", reason="origin")
         return json_response({"error": {"code": "forbidden", "message": "origin not allowed"}}, status=403)
     cap = ctx.caps.limit

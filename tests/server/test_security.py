@@ -329,3 +329,24 @@ async def test_visitor_sessions_over_rest_are_rate_limited_per_ip(server_factory
     server = await server_factory(visitor_sessions_per_ip_per_min=5)
     got = [(await server.http("POST", "/api/v1/visitor/session", json_body={}))[0] for _ in range(7)]
     assert got == [200] * 5 + [429] * 2
+
+
+def test_own_pages_origin_must_match_scheme_and_with_public_urls_the_host_header_is_not_trusted():
+    """Rule: without public_urls a page of this host is allowed only with the request's own
+    scheme; with public_urls set only those origins (and `origins`) may open sockets, whatever
+    Host says (a DNS-rebinding page sends its own name as both Host and Origin)."""
+    from server.config import Settings
+    from server.ws import origin_allowed
+
+    from .conftest import server_config
+
+    plain = Settings.from_config(server_config("/tmp/kefu-unused", origins=["https://shop.example"]))
+    assert origin_allowed("http://chat.local:8000", "chat.local:8000", plain, "http")
+    assert origin_allowed("https://chat.local", "chat.local", plain, "wss")
+    assert not origin_allowed("https://chat.local:8000", "chat.local:8000", plain, "http")
+    assert origin_allowed("https://shop.example", "chat.local", plain, "http")
+    pinned = plain.replace(public_urls=("https://chat.example.com",))
+    assert origin_allowed("https://chat.example.com", "chat.example.com", pinned, "https")
+    assert not origin_allowed("http://rebind.evil:8000", "rebind.evil:8000", pinned, "http")
+    assert not origin_allowed("http://chat.example.com", "chat.example.com", pinned, "http")
+    assert origin_allowed("https://shop.example", "rebind.evil", pinned, "http")
