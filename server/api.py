@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import json
 import math
@@ -166,11 +167,18 @@ async def login(request: Request) -> HTTPResponse:
         raise BadRequest("username and password are required")
     _text(username, "username", max_len=200)
     _text(password, "password", max_len=1024, min_len=0)
+    # Per account too, so guesses spread over many addresses are slowed down; a window, so
+    # someone else's guesses never lock the account for longer than a minute.  (Said for
+    # unknown usernames alike, so it does not reveal which exist.)
+    account = "a:" + hashlib.sha256(username.casefold().encode()).hexdigest()[:32]
+    if await ctx.account_login_failures.over(account):
+        raise RateLimited("too many failed logins for this account; wait a minute")
     agent = await ctx.storage.get_agent(username=username)
     # verify even for an unknown user, so timing does not reveal which usernames exist
     ok = await asyncio.to_thread(verify_password, password, agent.password_hash if agent else ctx.dummy_hash)
     if agent is None or not ok:
         await ctx.login_failures.hit(ip)
+        await ctx.account_login_failures.hit(account)
         raise Unauthorized("wrong username or password")
     ttl = ctx.settings.agent_token_ttl_s
     return json_response({"token": ctx.tokens.agent_token(agent.id, agent.token_version), "expires_in": ttl,

@@ -67,6 +67,7 @@ class KefuContext:
     new_conversations: WindowCounter | None = None
     visitor_sessions: WindowCounter | None = None
     login_failures: WindowCounter | None = None
+    account_login_failures: WindowCounter | None = None
     reply_limit: WindowCounter | None = None
     dummy_hash: str = ""
     background: set[asyncio.Task] = field(default_factory=set)
@@ -154,6 +155,7 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
     ctx.new_conversations = counter("new_conversations", s.new_conversations_per_ip_per_min)
     ctx.visitor_sessions = counter("visitor_sessions", s.visitor_sessions_per_ip_per_min)
     ctx.login_failures = counter("login_failures", s.login_failures_per_ip_per_min)
+    ctx.account_login_failures = counter("account_login_failures", s.login_failures_per_account_per_min)
     ctx.reply_limit = counter("bot_replies", int(s.rate_per_s * 60 * 4))
 
     ctx.storage = await open_storage(database_url(s))
@@ -213,7 +215,7 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
 
     sessions = ctx.sessions = Sessions(s, hub=hub, registry=registry, metrics=ctx.metrics, caps=ctx.caps,
                                        window_counters=[ctx.new_conversations, ctx.login_failures, ctx.reply_limit,
-                                                        ctx.visitor_sessions],
+                                                        ctx.visitor_sessions, ctx.account_login_failures],
                                        on_tick=tick, node=f"{worker.node}/{worker.index}")
     sessions.add_desk("visitor", visitors)
     sessions.add_desk("agent", agents)

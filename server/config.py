@@ -41,6 +41,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "new_conversations_per_ip_per_min": 20,
     "max_connections_per_ip": 200,      # open WebSockets per client IP (429 on the upgrade); 0: no cap
     "login_failures_per_ip_per_min": 10,
+    "login_failures_per_account_per_min": 10,   # failed logins for one username per minute, from anywhere
     "send_queue_frames": 256,           # frames waiting for a slow client before it is closed (4008)
     "resume_max_messages": 1000,        # more missed than this: "resync" (not recovered), reload over REST
     "tick_s": 1.0,                      # timing-wheel resolution (heartbeats, auth deadline, router tick)
@@ -108,6 +109,7 @@ class Settings:
     new_conversations_per_ip_per_min: int
     max_connections_per_ip: int
     login_failures_per_ip_per_min: int
+    login_failures_per_account_per_min: int
     send_queue_frames: int
     resume_max_messages: int
     tick_s: float

@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import time
+from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -350,3 +351,23 @@ def test_own_pages_origin_must_match_scheme_and_with_public_urls_the_host_header
     assert not origin_allowed("http://rebind.evil:8000", "rebind.evil:8000", pinned, "http")
     assert not origin_allowed("http://chat.example.com", "chat.example.com", pinned, "http")
     assert origin_allowed("https://shop.example", "rebind.evil", pinned, "http")
+
+
+async def test_failed_logins_are_throttled_per_account_across_addresses(server_factory):
+    """Rule: guesses at one account spread over many addresses are throttled per account too
+    (429 for that account only, for the rest of a one-minute window: never a lockout)."""
+    server = await server_factory(proxies_count=1, login_failures_per_ip_per_min=100,
+                                  login_failures_per_account_per_min=3)
+    await server.add_agent("sam")
+    await server.add_agent("tess")
+
+    async def login(username: str, password: str, ip: str) -> tuple[int, Any]:
+        return await http_request(server.port, "POST", "/api/v1/auth/login",
+                                  json_body={"username": username, "password": password},
+                                  headers={"X-Forwarded-For": ip})
+
+    for i in range(3):
+        assert (await login("sam", "nope", f"203.0.113.{i + 1}"))[0] == 401
+    status, data = await login("sam", "password123", "203.0.113.50")
+    assert status == 429 and "this account" in data["error"]["message"]
+    assert (await login("tess", "password123", "203.0.113.51"))[0] == 200
