@@ -204,6 +204,18 @@ async def change_password(request: Request) -> HTTPResponse:
     return json_response({"token": ctx.tokens.agent_token(agent.id, updated.token_version)})
 
 
+@bp.post("/auth/logout")
+async def logout(request: Request) -> HTTPResponse:
+    """End the agent's sessions: every token issued so far stops working, and their open
+    sockets, on every worker, are closed with 4002."""
+    ctx = request.app.ctx
+    body(request)                   # (none needed; a body that is not a JSON object is still a 400)
+    agent = await agent_of(request)
+    await ctx.storage.update_agent(agent.id, revoke_tokens=True)
+    ctx.agents.revoke(agent.id)
+    return json_response({"logged_out": True})
+
+
 @bp.post("/visitor/session")
 async def visitor_session(request: Request) -> HTTPResponse:
     """A visitor token; with ``identity`` (signed by the host site) a verified one.

@@ -106,6 +106,9 @@
   });
 
   $("logout").addEventListener("click", function () {
+    // The server revokes the token (and every other session of this agent); the page forgets
+    // it whatever the answer.
+    if (S.token) api("POST", "/auth/logout").catch(function () { /* logged out here anyway */ });
     logout();
   });
   function logout(message) {

@@ -132,5 +132,7 @@ class Storage(abc.ABC):
 
     @abc.abstractmethod
     async def update_agent(self, agent_id: str, *, password_hash: str | None = None,
-                           capacity: int | None = None, display_name: str | None = None) -> Agent | None:
-        """A new password_hash also bumps token_version (revoking old tokens)."""
+                           capacity: int | None = None, display_name: str | None = None,
+                           revoke_tokens: bool = False) -> Agent | None:
+        """A new password_hash (or ``revoke_tokens``: a logout) bumps token_version, revoking
+        every token issued before."""

@@ -532,10 +532,11 @@ class SqlStorage(Storage):
     @_operation("update_agent")
     async def update_agent(self, agent_id: str, *, password_hash: str | None = None,
                            capacity: int | None = None,
-                           display_name: str | None = None) -> Agent | None:
+                           display_name: str | None = None, revoke_tokens: bool = False) -> Agent | None:
         values: dict[str, Any] = {}
         if password_hash is not None:
             values["password_hash"] = password_hash
+        if password_hash is not None or revoke_tokens:
             values["token_version"] = _A.c.token_version + 1   # revokes older tokens
         if capacity is not None:
             values["capacity"] = int(capacity)

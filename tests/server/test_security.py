@@ -371,3 +371,19 @@ async def test_failed_logins_are_throttled_per_account_across_addresses(server_f
     status, data = await login("sam", "password123", "203.0.113.50")
     assert status == 429 and "this account" in data["error"]["message"]
     assert (await login("tess", "password123", "203.0.113.51"))[0] == 200
+
+
+async def test_logout_revokes_the_token_and_closes_the_agents_open_sockets(server):
+    """Rule: POST /api/v1/auth/logout ends the agent's sessions: the token (and every other
+    issued before) no longer works, and open sockets close with 4002 at once."""
+    await server.add_agent("lou")
+    socket, _ = await server.agent("lou")
+    token = await server.login("lou")
+    status, data = await server.http("POST", "/api/v1/auth/logout", token=token)
+    assert status == 200 and data == {"logged_out": True}
+    assert await closed_with(socket) == 4002
+    status, _ = await server.http("GET", "/api/v1/agents/me", token=token)
+    assert status == 401
+    status, _ = await server.http("POST", "/api/v1/auth/logout", token=token)
+    assert status == 401
+    assert (await server.http("GET", "/api/v1/agents/me", token=await server.login("lou")))[0] == 200
