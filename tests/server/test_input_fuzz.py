@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from .conftest import _unchunk
+
 ROOT = Path(__file__).resolve().parents[2]
 OPENAPI = json.loads((ROOT / "server" / "openapi.json").read_text(encoding="utf-8"))
 INT_MAX = 2 ** 63 - 1
@@ -132,18 +134,6 @@ async def send(port: int, method: str, target: str | bytes, *, body: bytes = b""
     if b"transfer-encoding: chunked" in head.lower():
         payload = _unchunk(payload)
     return Answer(int(head.split(b" ", 2)[1]), head, payload)
-
-
-def _unchunk(data: bytes) -> bytes:
-    out = b""
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2:]
-    return out
 
 
 # -- the routes ----------------------------------------------------------------------------------
