@@ -192,8 +192,12 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
     queue_length = [0]
     routing_down = [False]
     tokens_checked = [time.monotonic()]
+    purged = [time.monotonic() - RETENTION_EVERY_S + 60.0]      # the first purge a minute after start
 
     async def tick() -> None:
+        if s.retention_days > 0 and time.monotonic() - purged[0] >= RETENTION_EVERY_S:
+            purged[0] = time.monotonic()
+            await purge_expired(ctx)
         if time.monotonic() - tokens_checked[0] >= s.token_check_s:
             tokens_checked[0] = time.monotonic()
             try:
@@ -242,6 +246,27 @@ async def _open(app: Sanic, _loop: Any = None) -> None:
                                            push_s=s.metrics_push_s)
         await ctx.shared_metrics.start()
     sessions.start()
+
+
+#: How often each worker runs the retention purge (deleting is idempotent: workers may overlap).
+RETENTION_EVERY_S = 3600.0
+
+
+async def purge_expired(ctx: KefuContext) -> int:
+    """Retention: closed conversations (with their messages) closed more than
+    ``server.retention_days`` ago are deleted; returns how many."""
+    days = ctx.settings.retention_days
+    if days <= 0:
+        return 0
+    try:
+        deleted = await ctx.storage.delete_closed_conversations(closed_before=time.time() - days * 86400)
+    except StorageError as exc:
+        log.warning("retention: old conversations not deleted this time (%s)", exc)
+        return 0
+    if deleted:
+        ctx.metrics.inc("kefu_retention_deleted_total", deleted)
+        log.info("retention: %d conversation(s) closed more than %g days ago deleted", deleted, days)
+    return deleted
 
 
 def _gauges(ctx: KefuContext) -> None:

@@ -43,6 +43,18 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     ls.add_argument("--data-dir", type=Path)
     ls.set_defaults(func=cmd_agent_list)
 
+    visitor = subparsers.add_parser("visitor", help="a visitor's data: export or erase (privacy requests)")
+    vsub = visitor.add_subparsers(dest="visitor_command", metavar="ACTION")
+    vsub.required = True
+    ex = vsub.add_parser("export", help="print every conversation and message of a visitor as JSON")
+    ex.add_argument("visitor_id")
+    ex.add_argument("--data-dir", type=Path)
+    ex.set_defaults(func=cmd_visitor_export)
+    er = vsub.add_parser("erase", help="delete a visitor's closed conversations and their messages")
+    er.add_argument("visitor_id")
+    er.add_argument("--data-dir", type=Path)
+    er.set_defaults(func=cmd_visitor_erase)
+
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The [server] settings given as flags (they win over the file and the environment)."""
@@ -121,6 +133,61 @@ def _read_password(args: argparse.Namespace) -> str:
     if len(password) < 8:
         raise SystemExit("kefu: a password needs at least 8 characters")
     return password
+
+
+def cmd_visitor_export(args: argparse.Namespace) -> int:
+    import json
+
+    from .views import conversation_dict
+
+    async def export(storage: Any) -> dict[str, Any]:
+        out = []
+        before = None
+        while True:                      # newest first, in pages
+            page = await storage.list_conversations(visitor_id=args.visitor_id, limit=500, before=before)
+            for conv in page:
+                messages, after = [], 0
+                while True:
+                    batch = await storage.messages(conv.id, after_seq=after, limit=500)
+                    messages += [m.as_dict() for m in batch]
+                    if len(batch) < 500:
+                        break
+                    after = batch[-1].seq
+                out.append({**conversation_dict(conv), "messages": messages})
+            if len(page) < 500:
+                return {"visitor": args.visitor_id, "conversations": out}
+            before = page[-1].created_at
+
+    data = asyncio.run(_with_storage(_config(args), export))
+    _audit_log("export", args.visitor_id, conversations=len(data["conversations"]))
+    print(json.dumps(data, ensure_ascii=False, indent=1))
+    return 0
+
+
+def cmd_visitor_erase(args: argparse.Namespace) -> int:
+    from .storage.base import CLOSED
+
+    async def erase(storage: Any) -> tuple[int, int]:
+        deleted = await storage.delete_closed_conversations(visitor_id=args.visitor_id)
+        left = [c for c in await storage.list_conversations(visitor_id=args.visitor_id, limit=500)
+                if c.state != CLOSED]
+        return deleted, len(left)
+
+    deleted, left = asyncio.run(_with_storage(_config(args), erase))
+    _audit_log("erase", args.visitor_id, conversations=deleted, open_left=left)
+    print(f"visitor {args.visitor_id}: {deleted} closed conversation(s) deleted with their messages"
+          + (f"; {left} open conversation(s) kept: close them in the console, then erase again" if left else ""))
+    return 0
+
+
+def _audit_log(action: str, visitor_id: str, **detail: Any) -> None:
+    """Privacy requests are recorded (the log line names the action, the visitor and counts)."""
+    import getpass as _getpass
+
+    extra = " ".join(f"{k}={v}" for k, v in detail.items())
+    # warning: audit records pass every log level but "silent", as server/audit.py's do
+    logging.getLogger("kefu.audit").warning("audit: visitor %s by %s: visitor=%s %s", action,
+                                            _getpass.getuser(), visitor_id, extra)
 
 
 async def _with_storage(config: Any, fn: Any) -> Any:

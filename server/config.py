@@ -64,6 +64,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "token_check_s": 5.0,               # how often live agent sockets are checked for a revoked or expired token
     "metrics_token": "",                # set: /metrics needs "Authorization: Bearer <metrics_token>"; "": open
     "visitor_sessions_per_ip_per_min": 60,   # POST /api/v1/visitor/session per client IP per minute
+    "retention_days": 0.0,              # closed conversations older than this are deleted (hourly); 0: kept
 }
 
 
@@ -131,6 +132,7 @@ class Settings:
     token_check_s: float
     metrics_token: str
     visitor_sessions_per_ip_per_min: int
+    retention_days: float
 
     @classmethod
     def from_config(cls, config: Config) -> "Settings":

@@ -93,6 +93,13 @@ class Storage(abc.ABC):
                                  before: float | None = None) -> list[Conversation]: ...
 
     @abc.abstractmethod
+    async def delete_closed_conversations(self, *, visitor_id: str | None = None,
+                                          closed_before: float | None = None) -> int:
+        """Delete closed conversations, with their messages, of one visitor and/or last
+        changed (closed) before ``closed_before`` (unix time); returns how many.  Open ones
+        are never deleted: a live socket may still write to them."""
+
+    @abc.abstractmethod
     async def transition(self, conversation_id: str, *, to_state: str, agent_id: str | None,
                          from_states: Sequence[str] | None = None,
                          from_agent: Any = UNSET) -> Conversation | None:

@@ -41,7 +41,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from . import migrations, schema
-from .base import (BOT, ROLES, STATES, UNSET, Agent, Conversation, Storage, StorageError,
+from .base import (BOT, CLOSED, ROLES, STATES, UNSET, Agent, Conversation, Storage, StorageError,
                    StoredMessage)
 from ..tasks import run_to_end, wait_all
 from .group_commit import GroupCommitter
@@ -396,6 +396,26 @@ class SqlStorage(Storage):
                 q = sa.select(_C.c.id, _C.c.last_seq).where(_C.c.id.in_(ids[i:i + MAX_PAGE]))
                 out.update({r.id: int(r.last_seq) for r in await conn.execute(q)})
         return out
+
+    @_operation("delete_closed_conversations")
+    async def delete_closed_conversations(self, *, visitor_id: str | None = None,
+                                          closed_before: float | None = None) -> int:
+        if visitor_id is None and closed_before is None:
+            raise ValueError("name a visitor or a date: deleting every closed conversation is not offered")
+        q = sa.select(_C.c.id).where(_C.c.state == CLOSED)
+        if visitor_id is not None:
+            q = q.where(_C.c.visitor_id == visitor_id)
+        if closed_before is not None:
+            q = q.where(_C.c.updated_at < closed_before)
+        deleted = 0
+        while True:        # in pages: one transaction never holds the write lock for long
+            async with self._write() as conn:
+                ids = [r.id for r in await conn.execute(q.limit(MAX_PAGE))]
+                if not ids:
+                    return deleted
+                await conn.execute(sa.delete(_M).where(_M.c.conversation_id.in_(ids)))
+                await conn.execute(sa.delete(_C).where(_C.c.id.in_(ids)).where(_C.c.state == CLOSED))
+            deleted += len(ids)
 
     @_operation("transition")
     async def transition(self, conversation_id: str, *, to_state: str, agent_id: str | None,

@@ -165,3 +165,75 @@ def test_cli_agent_add_and_serve_help(tmp_path):
     assert short.returncode != 0
     helptext = subprocess.run(kefu + ["serve", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert "--data-dir" in helptext.stdout and "--port" in helptext.stdout
+
+
+async def test_retention_deletes_conversations_closed_longer_ago_than_retention_days(server_factory):
+    """Rule (privacy): with server.retention_days set, the purge deletes closed conversations
+    closed longer ago than that, with their messages, and keeps newer and open ones; 0: off."""
+    import asyncio as _asyncio
+
+    from server.app import purge_expired
+    from server.storage.base import CLOSED
+
+    server = await server_factory(retention_days=1.0)
+    storage = server.ctx.storage
+    old = await storage.create_conversation("v" * 32, "testbot")
+    await storage.append(old.id, role="visitor", sender_id="v" * 32, text="an old question")
+    await storage.transition(old.id, to_state=CLOSED, agent_id=None)
+    _, welcome = await server.visitor()                             # an open conversation
+    assert await purge_expired(server.ctx) == 0                    # closed less than a day ago
+    server.ctx.settings = server.ctx.settings.replace(retention_days=0.0)
+    assert await purge_expired(server.ctx) == 0                    # off
+    await _asyncio.sleep(0.01)                                     # (the closing is now 10 ms old)
+    server.ctx.settings = server.ctx.settings.replace(retention_days=0.005 / 86400)
+    assert await purge_expired(server.ctx) == 1
+    assert await storage.get_conversation(old.id) is None
+    assert await storage.messages(old.id, after_seq=0, limit=5) == []
+    assert await storage.get_conversation(welcome["conversation"]["id"]) is not None
+    assert server.ctx.metrics.value("kefu_retention_deleted_total") == 1
+
+
+def test_a_visitors_data_is_exported_then_erased_from_the_command_line(tmp_path):
+    """Rule (privacy): `kefu visitor export` prints every conversation and message of one
+    visitor as JSON; `kefu visitor erase` deletes their closed conversations (open ones are kept
+    and counted), and both are audited in the log."""
+    import asyncio as _asyncio
+
+    from server.storage import open_storage
+    from server.storage.base import CLOSED
+
+    data = tmp_path / "data"
+    data.mkdir()
+
+    async def seed() -> tuple[str, str]:
+        storage = await open_storage(f"sqlite+aiosqlite:///{data / 'kefu.sqlite3'}")
+        try:
+            closed = await storage.create_conversation("v" * 32, "shop")
+            await storage.append(closed.id, role="visitor", sender_id="v" * 32, text="my address is 1 Main St")
+            await storage.transition(closed.id, to_state=CLOSED, agent_id=None)
+            still_open = await storage.create_conversation("v" * 32, "shop")
+            await storage.create_conversation("w" * 32, "shop")
+            return closed.id, still_open.id
+        finally:
+            await storage.close()
+
+    closed_id, open_id = _asyncio.run(seed())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KEFU_")}
+
+    def kefu(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "engine.cli", *args, "--data-dir", str(data)], cwd=ROOT,
+                              env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=60)
+
+    out = kefu("visitor", "export", "v" * 32)
+    assert out.returncode == 0, out.stderr
+    exported = json.loads(out.stdout)
+    assert {c["id"] for c in exported["conversations"]} == {closed_id, open_id}
+    texts = [m["text"] for c in exported["conversations"] for m in c["messages"]]
+    assert texts == ["my address is 1 Main St"]
+    assert "audit: visitor export" in out.stderr
+    out = kefu("visitor", "erase", "v" * 32)
+    assert out.returncode == 0, out.stderr
+    assert "1 closed conversation(s) deleted" in out.stdout and "1 open conversation(s) kept" in out.stdout
+    assert "audit: visitor erase" in out.stderr
+    left = json.loads(kefu("visitor", "export", "v" * 32).stdout)
+    assert [c["id"] for c in left["conversations"]] == [open_id]

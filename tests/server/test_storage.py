@@ -607,3 +607,34 @@ async def test_sigkill_mid_burst_keeps_every_acked_message_once_and_seqs_contigu
     assert not missing, f"{len(missing)} acked messages lost, e.g. {missing[:5]}"
     assert all(where[cid] == seq for cid, seq in acked.items())
     assert len(stored) >= len(acked)
+
+
+async def test_deleting_closed_conversations_by_visitor_or_age_leaves_open_ones_and_others(storage):
+    """Rule (privacy): a visitor's erasure and the retention job delete closed conversations
+    with their messages, by visitor or by when they were closed, never an open conversation
+    nor anyone else's."""
+    import time as _time
+
+    from server.storage.base import CLOSED
+
+    async def conversation(visitor: str, closed: bool):
+        conv = await storage.create_conversation(visitor, "bot")
+        for i in range(3):
+            await storage.append(conv.id, role="visitor", sender_id=visitor, text=f"m{i}")
+        if closed:
+            await storage.transition(conv.id, to_state=CLOSED, agent_id=None)
+        return conv.id
+
+    old_closed = await conversation("v" * 32, True)
+    open_one = await conversation("v" * 32, False)
+    other = await conversation("w" * 32, True)
+    assert await storage.delete_closed_conversations(visitor_id="v" * 32) == 1
+    assert await storage.get_conversation(old_closed) is None
+    assert await storage.messages(old_closed, after_seq=0, limit=10) == []
+    assert len(await storage.messages(open_one, after_seq=0, limit=10)) == 3
+    assert await storage.delete_closed_conversations(closed_before=_time.time() - 3600) == 0   # too recent
+    assert await storage.delete_closed_conversations(closed_before=_time.time() + 1) == 1      # "w"'s
+    assert await storage.get_conversation(other) is None
+    assert (await storage.get_conversation(open_one)).state != CLOSED
+    with pytest.raises(ValueError):
+        await storage.delete_closed_conversations()
