@@ -392,15 +392,15 @@ async def test_churn_with_aborted_handshakes_and_sends_plateaus_tasks_sockets_ma
 
 @pytest.mark.in_process
 async def test_rate_limit_maps_evict_old_keys(server_factory):
-    """Every per-IP window map (new conversations, failed logins, bot replies) is swept by the
+    """Every window map (new conversations, failed logins per IP and per account, bot replies) is swept by the
     server's own tick: once a key's window is over, it is gone, however many addresses came."""
     server = await server_factory(proxies_count=1)     # X-Forwarded-For names the client here
     ctx = server.ctx
     maps = {"new_conv_limit": ctx.new_conversations, "login_failures": ctx.login_failures,
-            "reply_limit": ctx.reply_limit}
+            "reply_limit": ctx.reply_limit, "account_login_failures": ctx.account_login_failures}
     n = 12
     ips = [f"198.51.100.{i}" for i in range(1, n + 1)]
-    for ip in ips:
+    for i, ip in enumerate(ips):
         headers = {"X-Forwarded-For": ip}
         ws = await connect(server.ws_base + "/ws/visitor", origin=ORIGIN, open_timeout=TIMEOUT,
                            additional_headers=headers)
@@ -408,7 +408,7 @@ async def test_rate_limit_maps_evict_old_keys(server_factory):
         assert (await recv_json(ws))["type"] == "welcome"
         await ws.close()
         status, _ = await http_request(server.port, "POST", "/api/v1/auth/login", headers=headers,
-                                       json_body={"username": "nobody", "password": "wrong password"})
+                                       json_body={"username": f"nobody{i}", "password": "wrong password"})
         assert status == 401
         status, _ = await http_request(server.port, "POST", "/api/v1/bots/testbot/reply", headers=headers,
                                        json_body={"text": "hello"})
