@@ -93,7 +93,13 @@ class RedisBroker(Broker):
         self.deliver_here(topic, payload, exclude)
         if self._closing and not self._connected.is_set():
             return
-        data = json.dumps({"o": self._origin, "p": payload}, ensure_ascii=False, separators=(",", ":"))
+        try:
+            data = json.dumps({"o": self._origin, "p": payload}, ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError):
+            # (a bug upstream: every frame kefu publishes is JSON) never the caller's failure
+            self._metrics.inc("kefu_broker_dropped_total")
+            log.error("broker: a frame on %s is not JSON; delivered here only", topic, exc_info=True)
+            return
         self._out.append((self._channel(topic), data.encode()))
         if len(self._out) == 1:
             self._out_ready.set()

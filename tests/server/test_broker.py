@@ -235,6 +235,19 @@ async def test_publish_delivers_to_this_workers_subscribers_before_it_returns_wi
     assert inbox.got[1] == (topic, {"type": "typing"}, None)
 
 
+async def test_a_payload_that_is_not_json_never_fails_the_publisher_and_is_delivered_here(broker):
+    """Rule (the contract): publish never fails its caller, even for a frame that cannot
+    travel to other workers (not JSON); it is delivered locally, and on Redis counted as dropped."""
+    b, inbox = broker
+    odd = {"type": "typing", "who": {1, 2}}          # a set: not JSON
+    b.publish(conversation_topic("c1"), odd)
+    assert inbox.got == [(conversation_topic("c1"), odd, None)]
+    b.publish(conversation_topic("c1"), {"type": "typing"})   # and the broker goes on
+    assert inbox.got[-1] == (conversation_topic("c1"), {"type": "typing"}, None)
+    if isinstance(b, RedisBroker):
+        assert b._metrics.value("kefu_broker_dropped_total") == 1
+
+
 async def test_publish_delivers_locally_even_on_a_topic_nobody_here_subscribed(broker):
     # the hub decides which local sockets want it; the broker never drops its own frame
     b, inbox = broker
