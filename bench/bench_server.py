@@ -65,6 +65,16 @@ async def http(port: int, method: str, path: str, body: dict | None = None, toke
         return int(status_line.split()[1]), payload.decode("utf-8", "replace")
 
 
+#: ``--server-core``: the core ``taskset`` pins the server to (run this script on another one).
+SERVER_CORE: int | None = None
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def kefu_cmd(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from engine.cli import main; sys.exit(main())", *args]
 
@@ -75,7 +85,8 @@ async def start_server(data_dir: Path, port: int, env_extra: dict[str, str]) -> 
            "KEFU_SERVER_NEW_CONVERSATIONS_PER_IP_PER_MIN": "1000000", "KEFU_SERVER_MAX_CONNECTIONS_PER_IP": "0",
            "KEFU_SERVER_SEND_QUEUE_FRAMES": "100000", "KEFU_SERVER_SECRET_KEY": "bench-secret-key-0123456789",
            **env_extra}
-    proc = subprocess.Popen(kefu_cmd("serve", "--host", HOST, "--port", str(port), "--data-dir", str(data_dir)),
+    pin = ["taskset", "-c", str(SERVER_CORE)] if SERVER_CORE is not None else []
+    proc = subprocess.Popen(pin + kefu_cmd("serve", "--host", HOST, "--port", str(port), "--data-dir", str(data_dir)),
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(1200):
         if proc.poll() is not None:
@@ -190,10 +201,11 @@ async def run(args: argparse.Namespace) -> dict:
                 await asyncio.sleep(0.05)
             # all connected (and, for echo, assigned) before the clock starts
             await asyncio.sleep(0.2)
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), cpu_seconds(proc.pid)
             start.set()
             done, pending = await asyncio.wait(tasks, timeout=max(1.0, deadline - time.perf_counter()))
             elapsed = time.perf_counter() - t0
+            server_cpu = (cpu_seconds(proc.pid) - cpu0) / elapsed if elapsed else float("nan")
             for t in pending:
                 t.cancel()
             failures = [repr(t.exception()) for t in done if t.exception()]
@@ -217,7 +229,7 @@ async def run(args: argparse.Namespace) -> dict:
         "ack_ms": {"p50": round(pct(stats["ack"], 50) * 1000, 2), "p99": round(pct(stats["ack"], 99) * 1000, 2),
                    "mean": round(statistics.fmean(stats["ack"]) * 1000, 2) if stats["ack"] else None},
         "reply_ms": {"p50": round(pct(stats["reply"], 50) * 1000, 2), "p99": round(pct(stats["reply"], 99) * 1000, 2)},
-        "peak_connections": peak,
+        "peak_connections": peak, "server_cpu_percent": round(server_cpu * 100, 1), "server_core": SERVER_CORE,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
     }
 
@@ -231,7 +243,11 @@ def main() -> int:
     parser.add_argument("--bot", default="shop")
     parser.add_argument("--time-limit", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "server.json")
+    parser.add_argument("--server-core", type=int, help="pin the server to this core with taskset (run the "
+                                                        "script itself on another: taskset -c 1 python ...)")
     args = parser.parse_args()
+    global SERVER_CORE
+    SERVER_CORE = args.server_core
     args.visitors = max(1, min(args.visitors, 2000))
     args.messages = max(1, min(args.messages, 1000))
     args.time_limit = max(5.0, min(args.time_limit, 600.0))
@@ -246,6 +262,8 @@ def main() -> int:
         ("ack latency p50 / p99", f"{result['ack_ms']['p50']} / {result['ack_ms']['p99']} ms"),
         (f"{reply_label} p50 / p99", f"{result['reply_ms']['p50']} / {result['reply_ms']['p99']} ms"),
         ("peak connections (server)", result["peak_connections"]),
+        ("server CPU (of one core)", f"{result['server_cpu_percent']} %"
+                                     + (f" pinned to core {SERVER_CORE}" if SERVER_CORE is not None else "")),
         ("errors", ", ".join(result["error_codes"]) or "none"),
     ]
     width = max(len(k) for k, _ in rows)

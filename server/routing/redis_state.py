@@ -508,8 +508,8 @@ class RedisRoutingState(RoutingState):
             with _unavailable():
                 await self.redis.zrem(self._workers_key, self.worker_id)
         except RoutingError as exc:     # its presence expires by itself after the TTL
-            log.warning("routing: withdrawing presence of worker %s failed", self.worker_id,
-                        exc_info=True)
+            log.warning("routing: withdrawing presence of worker %s failed (%s)", self.worker_id,
+                        exc.__cause__ or exc)
 
     async def generation(self) -> tuple[str, bool]:
         token, created = await self._run("generation", secrets.token_hex(8))

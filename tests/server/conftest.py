@@ -23,6 +23,7 @@ from server.auth import hash_password
 from server.config import load_server_config
 
 from . import testbot
+from .redis_support import private_redis  # noqa: F401  (a fixture, for every server test module)
 
 Sanic.test_mode = True
 _names = itertools.count(1)

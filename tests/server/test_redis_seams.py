@@ -30,7 +30,7 @@ from server.redis_memory import RedisMemoryStore
 from server.routing.redis_state import RedisRoutingState
 
 from . import testbot
-from .test_broker import free_port, private_redis, until  # noqa: F401  (private_redis: a fixture)
+from .redis_support import free_port, until
 
 REDIS_URL = os.environ.get("KEFU_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 

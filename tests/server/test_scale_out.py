@@ -23,7 +23,8 @@ import pytest
 from server.auth import hash_password
 from server.storage import open_storage
 
-from .conftest import Client, Server, drop_prefix, free_socket, http_request
+from .conftest import Client, Server, drop_prefix, http_request
+from .redis_support import free_port
 from .storage_support import MY_HOST, MY_PORT, MY_USER, PG_HOST, PG_PORT, my_execute, pg_execute, unique_name
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -56,48 +57,6 @@ async def database(request):
         await my_execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
         yield f"mysql+asyncmy://{MY_USER}@{MY_HOST}:{MY_PORT}/{name}"
         await my_execute(f"DROP DATABASE IF EXISTS `{name}`")
-
-
-def free_port() -> int:
-    sock = free_socket()
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
-
-
-class PrivateRedis:
-    """A redis-server of one test's own, so the test may kill and restart it."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self) -> None:
-        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-                                      "--save", "", "--appendonly", "no", "--dir", str(self.tmp)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        import redis.asyncio as aioredis
-        r = aioredis.Redis(port=self.port)
-        try:
-            for _ in range(200):
-                try:
-                    if await r.ping():
-                        return
-                except Exception:  # noqa: BLE001 -- still starting
-                    await asyncio.sleep(0.02)
-            raise AssertionError("private redis-server did not start")
-        finally:
-            await r.aclose()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
 
 
 # -- nodes ----------------------------------------------------------------------------------
@@ -361,14 +320,6 @@ async def test_sixty_handoffs_at_once_over_two_nodes_never_overfill_an_agent_nor
     assert max(x["load"] for x in listing["agents"]) == 5
     for v in visitors.values():
         await v.close()
-
-
-@pytest.fixture
-async def private_redis(tmp_path):
-    redis = PrivateRedis(tmp_path)
-    await redis.start()
-    yield redis
-    redis.kill()
 
 
 async def test_redis_restarted_mid_traffic_loses_no_acked_message_and_delivery_resumes(private_redis, cluster,
