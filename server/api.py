@@ -410,10 +410,14 @@ async def metrics(request: Request) -> HTTPResponse:
     return text_response(text, content_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+def error_body(code: str, message: str, status: int, headers: Any = None) -> HTTPResponse:
+    """The one shape of every REST error: ``{"error": {"code", "message"}}``."""
+    return json_response({"error": {"code": code, "message": message}}, status=status, headers=headers)
+
+
 def error_response(request: Request, exc: KefuError) -> HTTPResponse:
     status = int(getattr(exc, "status_code", 500) or 500)
-    message = exc.message if status < 500 else "internal error"
-    return json_response({"error": {"code": exc.code, "message": message}}, status=status)
+    return error_body(exc.code, exc.message if status < 500 else "internal error", status)
 
 
 #: Sanic's own refusals (no route, wrong method, head or body too large, a bad request line):
@@ -432,5 +436,4 @@ def sanic_error_response(request: Any, exc: Exception) -> HTTPResponse:
         code, message = "internal", "internal error"
     else:
         code, message = _SANIC_ERRORS.get(status, ("refused", "request refused"))
-    return json_response({"error": {"code": code, "message": message}}, status=status,
-                         headers=dict(getattr(exc, "headers", None) or {}))
+    return error_body(code, message, status, dict(getattr(exc, "headers", None) or {}))

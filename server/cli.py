@@ -79,14 +79,14 @@ def _load_config(path: Path | None, overrides: dict[str, Any]) -> Any:
     return config
 
 
-def worker_app(path: Path | None, overrides: dict[str, Any]) -> Any:
+def worker_app(path: Path | None, overrides: dict[str, Any], config: Any = None) -> Any:
     """The app of one worker process: with ``--workers N`` Sanic starts N processes, and each
     builds its own app here from the same file, environment and flags (nothing is opened until
-    the worker's ``before_server_start``)."""
+    the worker's ``before_server_start``); one process passes the ``config`` it has read."""
     from .app import create_app
 
     logging.getLogger("kefu").setLevel(logging.INFO)
-    return create_app(_load_config(path, overrides))
+    return create_app(config if config is not None else _load_config(path, overrides))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -107,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         asyncio.run(check())
     where = f"http://{s.host}:{s.port}"
     if s.workers == 1:
-        app = worker_app(path, overrides)
+        app = worker_app(path, overrides, config)      # (the config read above: no second read)
         print(f"kefu: serving on {where} (data in {s.data_dir})", file=sys.stderr, flush=True)
         app.run(host=s.host, port=s.port, single_process=True, access_log=False, motd=False)
         return 0

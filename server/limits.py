@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 from redis.exceptions import RedisError
 
+from .redis_client import workers_key
+
 log = logging.getLogger("kefu.server")
 
 
@@ -195,7 +197,7 @@ class RedisConnectionCap(ConnectionCap):
                  spawn: Callable[[Any, str], None], clock: Callable[[], float] = time.time) -> None:
         self.limit = int(limit)
         self._redis, self._prefix, self._worker, self._clock, self._spawn = redis, prefix, worker_id, clock, spawn
-        self._workers = f"{prefix}r:workers"
+        self._workers = workers_key(prefix)
         self._acquire = redis.register_script(_ACQUIRE)
         self._release = redis.register_script(_RELEASE)
         self._count = redis.register_script(_COUNT)

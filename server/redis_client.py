@@ -61,6 +61,12 @@ async def open_checked(url: str) -> aioredis.Redis:
     return redis
 
 
+def workers_key(prefix: str) -> str:
+    """The live workers' presence (sorted set: worker id -> expiry), written by routing
+    (``RedisRoutingState``) and read by the per-IP socket cap and /metrics: one name for all."""
+    return prefix + "r:workers"
+
+
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     if "@" not in url:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 from redis.exceptions import RedisError
 
 from .metrics import Family, Metrics
+from .redis_client import workers_key
 from .tasks import stop_tasks
 
 log = logging.getLogger("kefu.metrics")
@@ -32,7 +33,7 @@ class SharedMetrics:
                  clock: Callable[[], float] = time.time) -> None:
         self.redis, self.metrics, self.worker_id = redis, metrics, worker_id
         self.prefix, self.push_s, self.clock = prefix + "stats:", push_s, clock
-        self._workers = prefix + "r:workers"
+        self._workers = workers_key(prefix)
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:

@@ -74,6 +74,7 @@ from typing import Any, Callable, Iterator
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from ..redis_client import workers_key
 from ..tasks import stop_tasks
 from .events import RoutingError
 from .state import DEFAULT_TEAM, ONLINE, AgentInfo, RoutingState
@@ -465,7 +466,7 @@ class RedisRoutingState(RoutingState):
         self.clock = clock
         self.prefix = prefix
         self.root = prefix + "r:"
-        self._workers_key = self.root + "workers"
+        self._workers_key = workers_key(prefix)
         self._scripts = {name: redis.register_script(_PRELUDE + body) for name, body in _SCRIPTS.items()}
         self._refresher: asyncio.Task | None = None
 

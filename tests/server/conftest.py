@@ -89,18 +89,22 @@ class FakeClock:
         self.t += s
 
 
-def metric(text: str, name: str, **labels: str) -> float | None:
-    """The value of one sample of a /metrics page, the ``worker`` label left out of the
-    comparison (with Redis every sample carries the answering worker's id); None if absent."""
+def samples(text: str):
+    """(name, labels, value) of every sample of a /metrics page."""
     import re
     for line in text.splitlines():
         m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)', line)
-        if not m or m[1] != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+        if m:
+            yield m[1], dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m[2] or "")), float(m[3])
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """The value of one sample of a /metrics page, the ``worker`` label left out of the
+    comparison (with Redis every sample carries the answering worker's id); None if absent."""
+    for got_name, got, value in samples(text):
         got.pop("worker", None)
-        if got == labels:
-            return float(m[3])
+        if got_name == name and got == labels:
+            return value
     return None
 
 

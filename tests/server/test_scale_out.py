@@ -23,7 +23,7 @@ import pytest
 from server.auth import hash_password
 from server.storage import open_storage
 
-from .conftest import Client, Server, drop_prefix, http_request
+from .conftest import Client, Server, drop_prefix, http_request, samples
 from .redis_support import free_port
 from .storage_support import MY_HOST, MY_PORT, MY_USER, PG_HOST, PG_PORT, my_execute, pg_execute, unique_name
 
@@ -148,8 +148,7 @@ async def agent_on(node: Node, username: str) -> tuple[Client, dict[str, Any]]:
 
 def metric_sum(text: str, name: str) -> float:
     """A metric summed over its samples (every worker, every label)."""
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
+    return sum(value for got, _, value in samples(text) if got == name)
 
 
 # -- the whole conversation, across nodes ----------------------------------------------------
